@@ -1,0 +1,170 @@
+"""Typed, closed config schemas for the training pipeline (Hydra structured configs).
+
+Every YAML under training/conf is merged onto these dataclasses, so an unknown or misspelt
+key fails at compose time with the key named (Hydra's struct mode). One knob per idea:
+model size lives in the model group, step counts and learning rates in the stage groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyConfig:
+    """The embedded default teacher (see training.models.TinyModelSpec)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    seq_len: int = 128
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub name or local directory of a Hugging Face causal LM; null selects the tiny teacher.
+    pretrained: str | None = None
+    # "auto": bfloat16 on accelerators, float32 on CPU (bf16 matmul is ~10x slower on CPUs here).
+    dtype: str = "auto"
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    # BitLinear activation quantisation (per-token absmax int8); off = weight-only ternary.
+    quantize_activations: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "builtin"  # builtin | files | hf
+    path: str | None = None  # glob for source=files
+    text_field: str = "text"
+    hf_name: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    seq_len: int = 128
+    eval_blocks: int = 16
+    eval_batch_size: int = 8
+    max_docs: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "muon"  # adamw | muon | muonclip | apollo
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    momentum: float = 0.95
+    nesterov: bool = True
+    adamw_lr: float | None = None
+    qk_clip_tau: float = 100.0
+    apollo_rank: int = 128
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DistillLossConfig:
+    type: str = "mse_normalized"
+    layer_weights: Any = "progressive"  # uniform | progressive | exponential | [w_1, ..., w_L]
+    lm_loss_weight: float = 0.5
+    temperature: float = 2.0
+
+
+@dataclass
+class SaliencyConfig:
+    enabled: bool = False
+    initial_k: float = 0.1
+    final_k: float = 0.0
+    schedule: str = "cosine"
+    ema_decay: float = 0.99
+    warmup_steps: int = 0
+    update_interval: int = 10
+
+
+@dataclass
+class LambdaWarmupConfig:
+    enabled: bool = True
+    warmup_steps: int = 1000
+    schedule: str = "linear"
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = True
+    max_steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: evaluate only at the end
+    log_every: int = 10
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class Stage19Config(StageConfig):
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    lambda_warmup: LambdaWarmupConfig = field(default_factory=LambdaWarmupConfig)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "bitnet-sweep"
+    group: str | None = None
+    name: str | None = None
+    # offline unless WANDB_API_KEY is set in the environment (the key is never stored in configs).
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    compile_mode: str = "default"
+    out_dir: str = "runs/default"
+    # Checkpoints at stage boundaries always; also every N stage-2 steps when N > 0.
+    checkpoint_every: int = 0
+    # Where checkpoints go (a local path or any fsspec URI such as gs://...); default out_dir/ckpt.
+    checkpoint_dir: str | None = None
+    # Keep only the final checkpoint once the pipeline completes.
+    keep_final_only: bool = True
+    # Resume from the newest checkpoint in checkpoint_dir when one exists.
+    resume: bool = True
+    # JSONL of every logged step (the sweep worker tails it); default out_dir/metrics.jsonl
+    metrics_file: str | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1_9: Stage19Config = field(default_factory=Stage19Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so config.yaml can list it first in its defaults."""
+    ConfigStore.instance().store(name="base_config", node=RootConfig)

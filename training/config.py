@@ -1,0 +1,106 @@
+"""Compose the pipeline config with Hydra's compose API (no Hydra app, no cwd changes)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from training.conf.schema import register_configs
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad override or config value; the message is one line naming the key."""
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Build the run config from training/conf plus Hydra overrides (e.g. ``stage2.optimizer.lr=2e-3``).
+
+    Unknown or misspelt keys raise ConfigError naming the key (the schema is closed).
+    """
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    validate_config(cfg)
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    """Turn Hydra/OmegaConf's multi-line errors into one line that names the key and the fix."""
+    text = str(exc)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        return f"unknown config key '{m.group(1)}' (misspelt? see training/conf/schema.py for the allowed keys)"
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if m:
+        options = re.findall(r"^\t(\w+)$", text, flags=re.M)
+        return f"{m.group(1)}={m.group(2)}: no such preset; available: {', '.join(options)}"
+    cause = exc.__cause__ or exc
+    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+    detail = "; ".join(lines[:2])
+    m = re.search(r"Error merging override (\S+)", text)
+    if m:
+        return f"bad value in override '{m.group(1)}': {detail}"
+    return f"bad config: {detail}"
+
+
+_CHOICES = {
+    "data.source": ("builtin", "files", "hf"),
+    "model.dtype": ("auto", "bfloat16", "float32", "float16"),
+    "stage1_9.optimizer.name": ("adamw", "muon", "muonclip", "apollo"),
+    "stage2.optimizer.name": ("adamw", "muon", "muonclip", "apollo"),
+    "stage1_9.optimizer.schedule": ("cosine", "linear", "constant"),
+    "stage2.optimizer.schedule": ("cosine", "linear", "constant"),
+    "stage1_9.saliency.schedule": ("linear", "cosine"),
+    "stage2.lambda_warmup.schedule": ("linear", "cosine"),
+    "run.compile_mode": ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
+    "run.wandb.mode": ("auto", "offline", "online", "disabled"),
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Value checks the type schema cannot express; each failure names the key and what is allowed."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}, allowed: {', '.join(map(str, allowed))}")
+    for stage in ("stage1_9", "stage2"):
+        s = cfg[stage]
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            if s[key] < (0 if key == "max_steps" else 1):
+                raise ConfigError(f"{stage}.{key}: must be >= {0 if key == 'max_steps' else 1}, got {s[key]}")
+        if not s.optimizer.lr > 0:
+            raise ConfigError(f"{stage}.optimizer.lr: must be > 0, got {s.optimizer.lr}")
+    a = cfg.stage1_9.loss.lm_loss_weight
+    if not 0.0 <= a <= 1.0:
+        raise ConfigError(f"stage1_9.loss.lm_loss_weight: must be in [0, 1], got {a}")
+    sal = cfg.stage1_9.saliency
+    for key in ("initial_k", "final_k"):
+        if not 0.0 <= sal[key] <= 1.0:
+            raise ConfigError(f"stage1_9.saliency.{key}: must be in [0, 1], got {sal[key]}")
+    if not 0.0 < sal.ema_decay < 1.0:
+        raise ConfigError(f"stage1_9.saliency.ema_decay: must be in (0, 1), got {sal.ema_decay}")
+    if cfg.data.source == "files" and not cfg.data.path:
+        raise ConfigError("data.path: required for data.source=files (a glob such as 'corpus/*.jsonl')")
+    if cfg.data.source == "hf" and not cfg.data.hf_name:
+        raise ConfigError("data.hf_name: required for data.source=hf (e.g. HuggingFaceFW/fineweb-edu)")
+    if cfg.run.compile_mode in ("reduce-overhead", "max-autotune"):
+        # The notebook saw CUDA-graph modes fail with transformers ("accessing tensor output of
+        # CUDAGraphs that has been overwritten"); refuse them rather than crash mid-trial.
+        raise ConfigError(
+            f"run.compile_mode: {cfg.run.compile_mode!r} uses CUDA graphs, which fail with transformers' "
+            "dynamic lm_head slicing; use 'default' or 'max-autotune-no-cudagraphs'"
+        )

@@ -1,0 +1,88 @@
+"""Process-level plumbing shared by every stage: device and dtype choice, seeding, RNG capture,
+and the stop flag that turns SIGTERM (spot preemption) into a checkpoint instead of a lost trial."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+
+log = logging.getLogger("training")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device: {name!r} requested but CUDA is not available; use run.device=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bfloat16 on accelerators; float32 on CPU, where bf16 matmul is ~10x slower (measured here)."""
+    if name == "auto":
+        if device.type == "cpu":
+            log.info("model.dtype=auto on CPU: training in float32 (bfloat16 is the accelerator default)")
+            return torch.float32
+        return torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype: got {name!r}, allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the trainer checks it after every optimizer step, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, why: str = "requested") -> None:
+        self.signal_name = why
+        self._event.set()
+
+    def install(self) -> None:
+        """Route SIGTERM (spot preemption, `sweep` worker shutdown) and SIGINT to this flag."""
+
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            log.warning("%s received: will checkpoint after the current step and stop", name)
+            self.request(name)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+STOP = StopFlag()

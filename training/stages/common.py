@@ -1,0 +1,131 @@
+"""Builders shared by the stages: teacher, data, student, optimizer. Config in, objects out."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from training.bitnet import (
+    LambdaController,
+    LambdaWarmup,
+    SaliencyCurriculum,
+    convert_model_to_bitnet,
+    insert_subln,
+)
+from training.data import (
+    BlockLoader,
+    StreamingBlockLoader,
+    build_blocks,
+    eval_batches,
+    load_texts,
+    split_train_eval,
+)
+from training.models import TinyModelSpec, load_pretrained_teacher, load_tiny_teacher
+from training.optim import OptimizerSpec, build_optimizer, build_scheduler
+
+log = logging.getLogger("training")
+
+
+def load_teacher(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """The frozen full-precision teacher and its tokenizer (tiny cached model, or from_pretrained)."""
+    if cfg.model.pretrained:
+        model, tokenizer = load_pretrained_teacher(cfg.model.pretrained, dtype=dtype, device=device)
+    else:
+        spec = TinyModelSpec(**OmegaConf.to_container(cfg.model.tiny))
+        model, tokenizer = load_tiny_teacher(spec)
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+@dataclass
+class DataBundle:
+    stage1_9: Any  # a loader with next_batch()/state_dict()/load_state_dict()
+    stage2: Any
+    eval: list[dict[str, torch.Tensor]]
+
+
+def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
+    """Held-out eval batches plus one train loader per stage (different shuffles of the same split)."""
+    d = cfg.data
+    texts = load_texts(d.source, path=d.path, text_field=d.text_field, hf_name=d.hf_name,
+                       hf_config=d.hf_config, split=d.split, max_docs=d.max_docs)
+    if d.source == "hf":
+        # Streaming: the first eval_blocks packed blocks are held out and the train stream skips them.
+        stream1 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks)
+        held_out = stream1.take_eval_blocks(d.eval_blocks)
+        texts2 = load_texts(d.source, hf_name=d.hf_name, hf_config=d.hf_config, split=d.split,
+                            text_field=d.text_field, max_docs=d.max_docs)
+        stream2 = StreamingBlockLoader(texts2, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks)
+        return DataBundle(stream1, stream2, eval_batches(held_out, d.eval_batch_size))
+    blocks = build_blocks(texts, tokenizer, d.seq_len)
+    train, held_out = split_train_eval(blocks, eval_blocks=d.eval_blocks, seed=d.seed)
+    return DataBundle(
+        stage1_9=BlockLoader(train, cfg.stage1_9.batch_size, seed=d.seed + 1),
+        stage2=BlockLoader(train, cfg.stage2.batch_size, seed=d.seed + 2),
+        eval=eval_batches(held_out, d.eval_batch_size),
+    )
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    lam: LambdaController
+    saliency: SaliencyCurriculum | None
+    summary: Any
+
+
+def build_student(cfg: DictConfig, teacher: nn.Module) -> Student:
+    """Stage 1: copy the teacher, insert SubLN, swap decoder linears for BitLinear (no training).
+
+    The student starts at lambda = 1 (fully ternary) for Stage 1.9; Stage 2 re-schedules lambda.
+    """
+    model = copy.deepcopy(teacher)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    insert_subln(model)
+    lam = LambdaController(value=1.0)
+    sal = cfg.stage1_9.saliency
+    curriculum = None
+    if sal.enabled:
+        curriculum = SaliencyCurriculum(
+            initial_k=sal.initial_k, final_k=sal.final_k, total_steps=max(cfg.stage1_9.max_steps, 1),
+            warmup_steps=sal.warmup_steps, schedule=sal.schedule, ema_decay=sal.ema_decay,
+            update_interval=sal.update_interval,
+        )
+    summary = convert_model_to_bitnet(model, lambda_ctrl=lam, quantize_activations=cfg.model.quantize_activations,
+                                      saliency=curriculum)
+    log.info("stage 1: %s", summary)
+    model.train()
+    return Student(model, lam, curriculum, summary)
+
+
+def lambda_schedule(cfg: DictConfig) -> LambdaWarmup | None:
+    lw = cfg.stage2.lambda_warmup
+    return LambdaWarmup(lw.warmup_steps, lw.schedule) if lw.enabled else None
+
+
+def optimizer_for(stage_cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    o = stage_cfg.optimizer
+    spec = OptimizerSpec(
+        name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, momentum=o.momentum,
+        nesterov=o.nesterov, adamw_lr=o.adamw_lr, qk_clip_tau=o.qk_clip_tau, apollo_rank=o.apollo_rank,
+        warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
+    )
+    optimizer = build_optimizer(model, spec)
+    return optimizer, build_scheduler(optimizer, spec, max(stage_cfg.max_steps, 1))
+
+
+def maybe_compile(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """torch.compile the forward when asked; state dicts are always taken from the eager module."""
+    if not cfg.run.compile:
+        return model
+    return torch.compile(model, mode=cfg.run.compile_mode)
