@@ -1,8 +1,8 @@
 """The training API the sweep (and users) call.
 
-    from training.api import compose_config, run_pipeline
-    result = run_pipeline(compose_config(["model=tiny", "stage2.optimizer.lr=2e-3"]))
-    print(result.final_eval_loss, result.final_eval_loss_sem)
+from training.api import compose_config, run_pipeline
+result = run_pipeline(compose_config(["model=tiny", "stage2.optimizer.lr=2e-3"]))
+print(result.final_eval_loss, result.final_eval_loss_sem)
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ from training.config import ConfigError, compose_config
 from training.results import PipelineResult, StageResult
 from training.stages.pipeline import run_pipeline
 
-__all__ = ["ConfigError", "PipelineResult", "StageResult", "compose_config", "run_pipeline",
-           "run_stage1_9", "run_stage2"]
+__all__ = [
+    "ConfigError",
+    "PipelineResult",
+    "StageResult",
+    "compose_config",
+    "run_pipeline",
+    "run_stage1_9",
+    "run_stage2",
+]
 
 
 def run_stage1_9(cfg: DictConfig) -> StageResult:

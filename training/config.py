@@ -43,7 +43,9 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc)
     m = re.search(r"Could not override '([^']+)'", text)
     if m:
-        return f"unknown config key '{m.group(1)}' (misspelt? see training/conf/schema.py for the allowed keys)"
+        return (
+            f"unknown config key '{m.group(1)}' (misspelt? see training/conf/schema.py for the allowed keys)"
+        )
     m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if m:
         options = re.findall(r"^\t(\w+)$", text, flags=re.M)

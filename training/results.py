@@ -21,8 +21,16 @@ class StageResult:
 
     @classmethod
     def from_loop(cls, stage: str, loop: Any) -> StageResult:
-        return cls(stage=stage, status=loop.status, steps=loop.steps, curve=list(loop.curve),
-                   eval_curve=list(loop.eval_curve), tokens=loop.tokens, seconds=loop.seconds, reason=loop.reason)
+        return cls(
+            stage=stage,
+            status=loop.status,
+            steps=loop.steps,
+            curve=list(loop.curve),
+            eval_curve=list(loop.eval_curve),
+            tokens=loop.tokens,
+            seconds=loop.seconds,
+            reason=loop.reason,
+        )
 
 
 @dataclass

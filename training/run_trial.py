@@ -42,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         result = run_pipeline(cfg)
     except Exception as exc:  # noqa: BLE001 - a crash must still leave a result behind for the worker
         tail = traceback.format_exc().splitlines()[-12:]
-        _write(out, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "traceback": tail,
-                     "infrastructure": True})
+        _write(
+            out,
+            {
+                "status": "failed",
+                "reason": f"{type(exc).__name__}: {exc}",
+                "traceback": tail,
+                "infrastructure": True,
+            },
+        )
         raise
     payload = result.to_dict()
     payload["overrides"] = overrides

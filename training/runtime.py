@@ -21,7 +21,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device: {name!r} requested but CUDA is not available; use run.device=cpu or auto")
+        raise ValueError(
+            f"run.device: {name!r} requested but CUDA is not available; use run.device=cpu or auto"
+        )
     return device
 
 

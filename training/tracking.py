@@ -14,8 +14,13 @@ log = logging.getLogger("training")
 
 
 class MetricsLogger:
-    def __init__(self, jsonl_path: str | Path | None, wandb_cfg: Any = None, run_config: dict | None = None,
-                 out_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        jsonl_path: str | Path | None,
+        wandb_cfg: Any = None,
+        run_config: dict | None = None,
+        out_dir: str | Path | None = None,
+    ) -> None:
         self.path = Path(jsonl_path) if jsonl_path else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +36,11 @@ class MetricsLogger:
         if self._wandb is not None:
             stage = record.get("stage", "run")
             step = record.get("global_step")
-            payload = {f"{stage}/{k}": v for k, v in record.items()
-                       if isinstance(v, (int, float)) and k not in ("time", "global_step")}
+            payload = {
+                f"{stage}/{k}": v
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and k not in ("time", "global_step")
+            }
             self._wandb.log(payload, step=step)
 
     def finish(self) -> None:

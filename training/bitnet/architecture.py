@@ -27,7 +27,11 @@ def decoder_layers(model: nn.Module, caller: str) -> nn.ModuleList:
     """``model.model.layers`` after checking every layer has the Llama-style projections."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not all(_has_projections(l) for l in layers):
+    if (
+        not isinstance(layers, nn.ModuleList)
+        or len(layers) == 0
+        or not all(_has_projections(layer) for layer in layers)
+    ):
         raise ValueError(
             f"{caller}: unsupported architecture {type(model).__name__} (expected "
             "model.model.layers[*].self_attn.o_proj and .mlp.down_proj as in Llama/Qwen2/Qwen3)"

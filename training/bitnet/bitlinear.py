@@ -39,7 +39,9 @@ class BitLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if lambda_ctrl is not None and not isinstance(lambda_ctrl, LambdaController):
-            raise ValueError(f"lambda_ctrl must be a LambdaController or None, got {type(lambda_ctrl).__name__}")
+            raise ValueError(
+                f"lambda_ctrl must be a LambdaController or None, got {type(lambda_ctrl).__name__}"
+            )
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.lambda_ctrl = lambda_ctrl

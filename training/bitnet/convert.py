@@ -15,7 +15,6 @@ from .schedule import LambdaController
 _HOOK_TABLES = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
-    "_forward_pre_hooks_always_called",
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",

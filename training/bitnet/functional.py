@@ -13,12 +13,16 @@ and gradients that treat ``Q_w`` and ``Q_x`` as identity (straight-through estim
 the tests hold ``bitlinear_forward`` to. ``bitlinear_forward`` (the one BitLinear uses) is a custom
 autograd Function: the quantisers run outside autograd (no graph nodes, no saved intermediates), the
 interpolation is ``torch.lerp`` (exact at lam == 1, so the weights are exactly ternary there, where
-``w + (Q(w) - w)`` can be off by one ulp), and backward is the two matmuls of a linear layer on the
-saved ``x_q`` / ``w_q``. Under autocast it falls back to the reference, since a custom Function's
+``w + (Q(w) - w)`` can be off by one ulp), projections fed the same tensor share one quantised input
+(``_InputQuantCache``), and backward is the two matmuls of a linear layer, recomputing ``w_q`` rather
+than keeping it alive from forward. Under autocast it falls back to the reference, since a custom Function's
 backward would see mixed dtypes.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -65,28 +69,66 @@ def quantized_input(x: torch.Tensor, *, lam: float, eps: float = 1e-5) -> torch.
     return x if lam == 0.0 else _interpolate(x, activation_quant(x, eps), lam)
 
 
+class _InputQuantCache(threading.local):
+    """One-entry memo of the last quantised input, keyed by the input tensor's identity and version.
+
+    q/k/v (and gate/up) receive the very same tensor; with the memo they share one quantised copy, which
+    saves two (one) quantisation passes and, because the Functions then save the same tensor for
+    backward, two (one) activation-sized buffers per layer. Both references are weak, so the memo never
+    extends a tensor's life: once autograd drops the saved ``x_q`` it is gone and is recomputed.
+    """
+
+    def __init__(self) -> None:
+        self.x_ref = self.xq_ref = self.key = None
+
+    def get(self, x: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
+        # Skipped under torch.compile (graphs fuse the quantiser anyway) and for inference-mode tensors,
+        # which carry no version counter to key on.
+        if torch.compiler.is_compiling() or x.is_inference():
+            return quantized_input(x, lam=lam, eps=eps)
+        key = (x._version, lam, eps)
+        if self.x_ref is not None and self.x_ref() is x and self.key == key:
+            x_q = self.xq_ref()
+            if x_q is not None:
+                return x_q
+        x_q = quantized_input(x, lam=lam, eps=eps)
+        self.x_ref, self.xq_ref, self.key = weakref.ref(x), weakref.ref(x_q), key
+        return x_q
+
+
+_input_cache = _InputQuantCache()
+
+
 class _BitLinearSTE(torch.autograd.Function):
+    """``F.linear(x_q, w_q, bias)`` with identity gradients through the quantisers.
+
+    Saves ``x_q`` and the weight itself (not ``w_q``): backward recomputes ``w_q``, one weight-sized
+    elementwise pass, instead of holding an unsharded weight-sized copy per layer from forward to
+    backward (under FSDP that copy would undo the sharding).
+    """
+
     @staticmethod
-    def forward(ctx, x, weight, bias, lam, quantize_activations, eps, protected):
+    def forward(ctx, x, x_q, weight, bias, lam, eps, protected):
         w_q = quantized_weight(weight, lam=lam, eps=eps, protected=protected)
-        x_q = quantized_input(x, lam=lam, eps=eps) if quantize_activations else x.detach()
-        ctx.save_for_backward(x_q, w_q)
+        ctx.save_for_backward(x_q, weight)
+        ctx.lam, ctx.eps, ctx.protected = lam, eps, protected
         ctx.has_bias = bias is not None
         return F.linear(x_q, w_q, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_q, w_q = ctx.saved_tensors
+        x_q, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
+            w_q = quantized_weight(weight, lam=ctx.lam, eps=ctx.eps, protected=ctx.protected)
             grad_x = grad_out @ w_q
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        if ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3]):
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[2]:
                 grad_w = g2d.t() @ x_q.reshape(-1, x_q.shape[-1])
-            if ctx.has_bias and ctx.needs_input_grad[2]:
+            if ctx.has_bias and ctx.needs_input_grad[3]:
                 grad_b = g2d.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, None, grad_w, grad_b, None, None, None
 
 
 def bitlinear_forward(
@@ -109,4 +151,6 @@ def bitlinear_forward(
         return bitlinear_reference(
             x, weight, bias, lam=lam, quantize_activations=quantize_activations, eps=eps, protected=protected
         )
-    return _BitLinearSTE.apply(x, weight, bias, lam, quantize_activations, eps, protected)
+    with torch.no_grad():
+        x_q = _input_cache.get(x, lam, eps) if quantize_activations else x.detach()
+    return _BitLinearSTE.apply(x, x_q, weight, bias, lam, eps, protected)

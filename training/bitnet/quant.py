@@ -52,22 +52,27 @@ def weight_quant(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def activation_scale(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-token (last dim) scale ``127 / max(max|x|, eps)``, shape ``(..., 1)``, float32 for 16-bit x.
 
-    ``aminmax`` reads x once and allocates no ``|x|`` temporary (max|x| = max(-min, max)).
+    max|x| is taken as ``max(max x, -min x)``: two reductions and no ``|x|`` temporary. (On CPU this is
+    ~1.5x faster than ``x.abs().amax()`` and ~30x faster than ``torch.aminmax`` over the last dim.)
     """
-    lo, hi = torch.aminmax(x.to(_compute_dtype(x)), dim=-1, keepdim=True)
-    absmax = torch.maximum(hi, lo.neg_()).clamp_(min=eps)
+    # max/min are exact in any dtype, so only the (per-token sized) result is upcast.
+    absmax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    absmax = absmax.to(_compute_dtype(x)).clamp_(min=eps)
     # 127 / absmax (not reciprocal * 127) so the rounding matches transformers' ActQuant/BitLinear bit for bit.
     return ACT_QMAX / absmax
 
 
 def activation_quant(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-token absmax int8 fake-quantisation: ``round(x * s).clamp(-128, 127) / s``, ``s = 127 / max|x|``."""
-    x_c = x.to(_compute_dtype(x))
-    scale = activation_scale(x_c, eps)
-    return (x_c * scale).round_().clamp_(ACT_QMIN, ACT_QMAX).div_(scale).to(x.dtype)
+    scale = activation_scale(x, eps)
+    # scale is float32 for 16-bit x and has x's rank, so ``x * scale`` is promoted to float32 without
+    # a separate upcast copy of x.
+    return (x * scale).round_().clamp_(ACT_QMIN, ACT_QMAX).div_(scale).to(x.dtype)
 
 
-def weight_quant_protected(w: torch.Tensor, protected: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+def weight_quant_protected(
+    w: torch.Tensor, protected: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
     """Ternary fake-quantisation that leaves the input columns flagged in ``protected`` at full precision.
 
     ``protected`` is a bool mask over input features (``w.shape[-1]``) or None (plain ``weight_quant``).

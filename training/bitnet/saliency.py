@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .bitlinear import BitLinear
-from .schedule import LambdaController
+from .schedule import LambdaController, check_int
 
 _SCHEDULES = ("linear", "cosine")
 
@@ -32,12 +32,6 @@ def _check_fraction(name: str, value: float) -> float:
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return v
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def column_saliency(weight: torch.Tensor) -> torch.Tensor:
@@ -160,8 +154,8 @@ class SaliencyCurriculum:
     ) -> None:
         self.initial_k = _check_fraction("initial_k", initial_k)
         self.final_k = _check_fraction("final_k", final_k)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.total_steps = check_int("total_steps", total_steps, 1)
         if self.total_steps < self.warmup_steps:
             raise ValueError(f"total_steps must be >= warmup_steps ({warmup_steps}), got {total_steps!r}")
         if schedule not in _SCHEDULES:
@@ -174,10 +168,10 @@ class SaliencyCurriculum:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}")
         self.ema_decay = decay
-        self.update_interval = _check_int("update_interval", update_interval, 1)
+        self.update_interval = check_int("update_interval", update_interval, 1)
 
     def k(self, step: int) -> float:
-        _check_int("step", step, 0)
+        step = check_int("step", step, 0)
         if step <= self.warmup_steps:
             return self.initial_k
         if step >= self.total_steps:
@@ -195,6 +189,7 @@ class SaliencyCurriculum:
         Raises ValueError if the model has no SaliencyBitLinear (converted without ``saliency=``).
         """
         k = self.k(step)
+        step = int(step)
         update = step % self.update_interval == 0
         layers = [m for m in model.modules() if isinstance(m, SaliencyBitLinear)]
         if not layers:

@@ -9,15 +9,21 @@ other's lambda, unlike the seed code's module-level global.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 _SCHEDULES = ("linear", "cosine")
 
 
+def check_int(name: str, value: int, minimum: int) -> int:
+    """``value`` as an int if it is an integer (numpy integers included) >= ``minimum``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    return step
+    return check_int("step", step, 0)
 
 
 def check_lambda(value: float) -> float:
@@ -42,8 +48,7 @@ class LambdaWarmup:
         self._configure(warmup_steps, schedule)
 
     def _configure(self, warmup_steps: int, schedule: str) -> None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
         self.warmup_steps = warmup_steps

@@ -65,7 +65,9 @@ def insert_subln(model: nn.Module) -> int:
     for i, layer in enumerate(layers):
         for parent, norm_name in ((layer.self_attn, ATTN_SUB_NORM), (layer.mlp, FFN_SUB_NORM)):
             if hasattr(parent, norm_name):
-                raise ValueError(f"insert_subln: layers[{i}] already has {norm_name}; SubLN can be inserted once")
+                raise ValueError(
+                    f"insert_subln: layers[{i}] already has {norm_name}; SubLN can be inserted once"
+                )
     for layer in layers:
         _attach(layer.self_attn, ATTN_SUB_NORM, "o_proj", eps)
         _attach(layer.mlp, FFN_SUB_NORM, "down_proj", eps)

@@ -30,7 +30,9 @@ class TokenBlocks:
 
     def __post_init__(self):
         if self.ids.dim() != 2:
-            raise ValueError(f"TokenBlocks.ids: expected a 2-D [blocks, seq_len] tensor, got shape {tuple(self.ids.shape)}")
+            raise ValueError(
+                f"TokenBlocks.ids: expected a 2-D [blocks, seq_len] tensor, got shape {tuple(self.ids.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -59,7 +61,9 @@ def make_batch(ids: torch.Tensor) -> dict[str, torch.Tensor]:
 def eos_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise DataError(f"tokenizer: {type(tokenizer).__name__} has no eos_token_id; packing needs one between documents")
+        raise DataError(
+            f"tokenizer: {type(tokenizer).__name__} has no eos_token_id; packing needs one between documents"
+        )
     return int(eos)
 
 
@@ -71,10 +75,14 @@ def tokenize_docs(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
         if not chunk:
             return
         # verbose=False: packed documents are routinely longer than model_max_length.
-        yield from tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        yield from tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, verbose=False)[
+            "input_ids"
+        ]
 
 
-def build_blocks(texts: Iterable[str], tokenizer, seq_len: int, *, max_tokens: int | None = None) -> TokenBlocks:
+def build_blocks(
+    texts: Iterable[str], tokenizer, seq_len: int, *, max_tokens: int | None = None
+) -> TokenBlocks:
     """Pack ``texts`` into ``[N, seq_len]`` blocks: each document followed by EOS; the tail that does
     not fill a block is dropped. ``max_tokens`` stops reading once that many tokens are packed
     (so a streaming source is only read as far as needed)."""
@@ -107,7 +115,12 @@ def build_blocks(texts: Iterable[str], tokenizer, seq_len: int, *, max_tokens: i
     if flat.max() > np.iinfo(np.int32).max:
         raise DataError(f"tokenizer: token id {int(flat.max())} does not fit the int32 block storage")
     ids = torch.from_numpy(flat.astype(np.int32).reshape(num_blocks, seq_len))
-    log.info("packed %d blocks x %d tokens (%d tokens dropped as remainder)", num_blocks, seq_len, usable - flat.size)
+    log.info(
+        "packed %d blocks x %d tokens (%d tokens dropped as remainder)",
+        num_blocks,
+        seq_len,
+        usable - flat.size,
+    )
     return TokenBlocks(ids)
 
 

@@ -23,7 +23,14 @@ SOURCES = ("builtin", "files", "hf")
 
 # File suffix -> datasets packaged builder. Compression suffixes are stripped first
 # because datasets decompresses .gz/.zst/... transparently.
-_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 _COMPRESSION = (".gz", ".zst", ".bz2", ".xz", ".lz4")
 _SUPPORTED = ", ".join(sorted(_BUILDERS))
 
@@ -124,7 +131,9 @@ def _hub_texts(hf_name, hf_config, split, streaming, text_field, data_files) -> 
     if not hf_name:
         raise DataError("data.hf_name: required for data=hf; e.g. hf_name=HuggingFaceFW/fineweb-edu")
     local = data_files is not None or os.path.isdir(hf_name) or hf_name in _PACKAGED_DATASETS_MODULES
-    offline = f"data: cannot reach the Hugging Face hub for {hf_name!r} (offline?); use data=builtin or data=files"
+    offline = (
+        f"data: cannot reach the Hugging Face hub for {hf_name!r} (offline?); use data=builtin or data=files"
+    )
     # In explicit offline mode datasets fails fast by itself (and may use its cache);
     # otherwise probe first, because datasets would retry for ~25 s before failing.
     if not local and not hub_offline_mode() and not hub_reachable():
@@ -140,12 +149,16 @@ def _hub_texts(hf_name, hf_config, split, streaming, text_field, data_files) -> 
     except datasets.exceptions.DatasetNotFoundError as e:
         raise DataError(f"data.hf_name: dataset {hf_name!r} not found on the hub; check the name") from e
     except FileNotFoundError as e:
-        raise DataError(f"data.hf_name: no data for {hf_name!r} (data_files={data_files}): {_first_line(e)}") from e
+        raise DataError(
+            f"data.hf_name: no data for {hf_name!r} (data_files={data_files}): {_first_line(e)}"
+        ) from e
     except ValueError as e:
         # Unknown config or split: datasets lists the valid ones in its message.
         raise DataError(f"data.hf_config/split: {hf_name!r}: {_first_line(e)}") from e
     where = f"{hf_name!r} split {split!r}"
-    return _require_some(_rows_to_texts(dataset, text_field, where=where), f"data.hf_name: no text in {where}")
+    return _require_some(
+        _rows_to_texts(dataset, text_field, where=where), f"data.hf_name: no text in {where}"
+    )
 
 
 def _rows_to_texts(dataset, field: str, *, where: str) -> Iterator[str]:
@@ -167,7 +180,9 @@ def _rows_to_texts(dataset, field: str, *, where: str) -> Iterator[str]:
         if text is None:
             continue
         if not isinstance(text, str):
-            raise DataError(f"data.text_field: {field!r} in {where} is {type(text).__name__}, expected a string")
+            raise DataError(
+                f"data.text_field: {field!r} in {where} is {type(text).__name__}, expected a string"
+            )
         if text.strip():
             yield text
 

@@ -56,15 +56,32 @@ class DataBundle:
 def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
     """Held-out eval batches plus one train loader per stage (different shuffles of the same split)."""
     d = cfg.data
-    texts = load_texts(d.source, path=d.path, text_field=d.text_field, hf_name=d.hf_name,
-                       hf_config=d.hf_config, split=d.split, max_docs=d.max_docs)
+    texts = load_texts(
+        d.source,
+        path=d.path,
+        text_field=d.text_field,
+        hf_name=d.hf_name,
+        hf_config=d.hf_config,
+        split=d.split,
+        max_docs=d.max_docs,
+    )
     if d.source == "hf":
         # Streaming: the first eval_blocks packed blocks are held out and the train stream skips them.
-        stream1 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks)
+        stream1 = StreamingBlockLoader(
+            texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks
+        )
         held_out = stream1.take_eval_blocks(d.eval_blocks)
-        texts2 = load_texts(d.source, hf_name=d.hf_name, hf_config=d.hf_config, split=d.split,
-                            text_field=d.text_field, max_docs=d.max_docs)
-        stream2 = StreamingBlockLoader(texts2, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks)
+        texts2 = load_texts(
+            d.source,
+            hf_name=d.hf_name,
+            hf_config=d.hf_config,
+            split=d.split,
+            text_field=d.text_field,
+            max_docs=d.max_docs,
+        )
+        stream2 = StreamingBlockLoader(
+            texts2, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks
+        )
         return DataBundle(stream1, stream2, eval_batches(held_out, d.eval_batch_size))
     blocks = build_blocks(texts, tokenizer, d.seq_len)
     train, held_out = split_train_eval(blocks, eval_blocks=d.eval_blocks, seed=d.seed)
@@ -97,12 +114,17 @@ def build_student(cfg: DictConfig, teacher: nn.Module) -> Student:
     curriculum = None
     if sal.enabled:
         curriculum = SaliencyCurriculum(
-            initial_k=sal.initial_k, final_k=sal.final_k, total_steps=max(cfg.stage1_9.max_steps, 1),
-            warmup_steps=sal.warmup_steps, schedule=sal.schedule, ema_decay=sal.ema_decay,
+            initial_k=sal.initial_k,
+            final_k=sal.final_k,
+            total_steps=max(cfg.stage1_9.max_steps, 1),
+            warmup_steps=sal.warmup_steps,
+            schedule=sal.schedule,
+            ema_decay=sal.ema_decay,
             update_interval=sal.update_interval,
         )
-    summary = convert_model_to_bitnet(model, lambda_ctrl=lam, quantize_activations=cfg.model.quantize_activations,
-                                      saliency=curriculum)
+    summary = convert_model_to_bitnet(
+        model, lambda_ctrl=lam, quantize_activations=cfg.model.quantize_activations, saliency=curriculum
+    )
     log.info("stage 1: %s", summary)
     model.train()
     return Student(model, lam, curriculum, summary)
@@ -116,9 +138,19 @@ def lambda_schedule(cfg: DictConfig) -> LambdaWarmup | None:
 def optimizer_for(stage_cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     o = stage_cfg.optimizer
     spec = OptimizerSpec(
-        name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, momentum=o.momentum,
-        nesterov=o.nesterov, adamw_lr=o.adamw_lr, qk_clip_tau=o.qk_clip_tau, apollo_rank=o.apollo_rank,
-        warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
+        name=o.name,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        adamw_lr=o.adamw_lr,
+        qk_clip_tau=o.qk_clip_tau,
+        apollo_rank=o.apollo_rank,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        min_lr_ratio=o.min_lr_ratio,
     )
     optimizer = build_optimizer(model, spec)
     return optimizer, build_scheduler(optimizer, spec, max(stage_cfg.max_steps, 1))

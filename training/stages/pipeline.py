@@ -20,7 +20,14 @@ from training.results import PipelineResult, StageResult
 from training.runtime import resolve_device, resolve_dtype, seed_everything
 from training.stages import stage1_9 as s19
 from training.stages import stage2 as s2
-from training.stages.common import build_data, build_student, lambda_schedule, load_teacher, maybe_compile, optimizer_for
+from training.stages.common import (
+    build_data,
+    build_student,
+    lambda_schedule,
+    load_teacher,
+    maybe_compile,
+    optimizer_for,
+)
 from training.stages.trainer import LoopSpec, Trainer, evaluate_lm
 from training.tracking import MetricsLogger
 
@@ -35,12 +42,21 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpts = CheckpointManager(cfg.run.checkpoint_dir or str(out_dir / "ckpt"))
-    metrics = MetricsLogger(cfg.run.metrics_file or out_dir / "metrics.jsonl", cfg.run.wandb,
-                            OmegaConf.to_container(cfg, resolve=True), out_dir)
+    metrics = MetricsLogger(
+        cfg.run.metrics_file or out_dir / "metrics.jsonl",
+        cfg.run.wandb,
+        OmegaConf.to_container(cfg, resolve=True),
+        out_dir,
+    )
     state = ckpts.load_latest() if cfg.run.resume else None
     resume_stage = state["stage"] if state else None
     if resume_stage:
-        log.info("resuming from checkpoint %s (stage %s, step %d)", ckpts.latest_name(), resume_stage, state["step"])
+        log.info(
+            "resuming from checkpoint %s (stage %s, step %d)",
+            ckpts.latest_name(),
+            resume_stage,
+            state["step"],
+        )
     if resume_stage == "final":
         return PipelineResult.from_dict(state["pipeline_result"])
 
@@ -49,7 +65,10 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     student = build_student(cfg, teacher)
     model = student.model
     fwd = maybe_compile(model, cfg)
-    result = PipelineResult(status="running", conversion=asdict(student.summary) if hasattr(student.summary, "__dataclass_fields__") else {})
+    result = PipelineResult(
+        status="running",
+        conversion=asdict(student.summary) if hasattr(student.summary, "__dataclass_fields__") else {},
+    )
 
     def finish(status: str, reason: str | None = None) -> PipelineResult:
         result.status, result.reason = status, reason
@@ -66,9 +85,17 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         opt, sched = optimizer_for(c19, model)
         stateful = {"saliency": student.saliency} if student.saliency else {}
         trainer = Trainer(
-            _spec("stage1_9", c19, 0), model, opt, sched, data.stage1_9, s19.make_loss_fn(cfg, fwd, teacher),
-            device=device, before_step=(lambda step: student.saliency.step(model, step)) if student.saliency else None,
-            stateful=stateful, metrics=metrics, checkpoints=ckpts,
+            _spec("stage1_9", c19, 0),
+            model,
+            opt,
+            sched,
+            data.stage1_9,
+            s19.make_loss_fn(cfg, fwd, teacher),
+            device=device,
+            before_step=(lambda step: student.saliency.step(model, step)) if student.saliency else None,
+            stateful=stateful,
+            metrics=metrics,
+            checkpoints=ckpts,
         )
         if resume_stage == "stage1_9":
             trainer.load_state_dict(state)
@@ -93,9 +120,18 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         opt, sched = optimizer_for(c2, model)
         earlier = {k: asdict(v) for k, v in result.stages.items()}
         trainer = Trainer(
-            _spec("stage2", c2, cfg.run.checkpoint_every), model, opt, sched, data.stage2, s2.make_loss_fn(fwd),
-            device=device, before_step=student.lam.set_step, stateful={"lambda": student.lam},
-            metrics=metrics, checkpoints=ckpts, checkpoint_extra=lambda: {"earlier_stages": earlier},
+            _spec("stage2", c2, cfg.run.checkpoint_every),
+            model,
+            opt,
+            sched,
+            data.stage2,
+            s2.make_loss_fn(fwd),
+            device=device,
+            before_step=student.lam.set_step,
+            stateful={"lambda": student.lam},
+            metrics=metrics,
+            checkpoints=ckpts,
+            checkpoint_extra=lambda: {"earlier_stages": earlier},
             global_step_offset=c19.max_steps if c19.enabled else 0,
         )
         if resume_stage == "stage2":
@@ -118,12 +154,22 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     result.status = "completed"
     result.seconds = time.perf_counter() - t0
     result.tokens = sum(s.tokens for s in result.stages.values())
-    ckpts.save("final", {"stage": "final", "step": 0, "model": model.state_dict(), "pipeline_result": result.to_dict()})
+    ckpts.save(
+        "final",
+        {"stage": "final", "step": 0, "model": model.state_dict(), "pipeline_result": result.to_dict()},
+    )
     if cfg.run.keep_final_only:
         ckpts.prune_to("final")
     return finish("completed")
 
 
 def _spec(stage: str, c: DictConfig, checkpoint_every: int) -> LoopSpec:
-    return LoopSpec(stage=stage, max_steps=c.max_steps, grad_accum=c.grad_accum, grad_clip=c.grad_clip,
-                    log_every=c.log_every, eval_every=c.eval_every, checkpoint_every=checkpoint_every)
+    return LoopSpec(
+        stage=stage,
+        max_steps=c.max_steps,
+        grad_accum=c.grad_accum,
+        grad_clip=c.grad_clip,
+        log_every=c.log_every,
+        eval_every=c.eval_every,
+        checkpoint_every=checkpoint_every,
+    )

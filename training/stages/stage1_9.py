@@ -19,7 +19,9 @@ from training.stages.trainer import LossFn
 def make_loss_fn(cfg: DictConfig, student: nn.Module, teacher: nn.Module) -> LossFn:
     lc = cfg.stage1_9.loss
     layer_weights = lc.layer_weights if isinstance(lc.layer_weights, str) else list(lc.layer_weights)
-    layerwise = LayerwiseDistillLoss(loss_type=lc.type, layer_weights=layer_weights, temperature=lc.temperature)
+    layerwise = LayerwiseDistillLoss(
+        loss_type=lc.type, layer_weights=layer_weights, temperature=lc.temperature
+    )
     a = float(lc.lm_loss_weight)
     head = teacher.get_output_embeddings()
 
@@ -27,8 +29,12 @@ def make_loss_fn(cfg: DictConfig, student: nn.Module, teacher: nn.Module) -> Los
         mask = batch.get("attention_mask")
         with torch.no_grad():
             t_out = teacher(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-        s_out = student(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
-                        output_hidden_states=True)
+        s_out = student(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            labels=batch["labels"],
+            output_hidden_states=True,
+        )
         distill = layerwise(s_out.hidden_states, t_out.hidden_states, mask, lm_head=head)
         if a == 0.0:
             return distill, {"distill": distill.item()}

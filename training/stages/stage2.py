@@ -15,7 +15,9 @@ from training.stages.trainer import LossFn
 
 def make_loss_fn(student: nn.Module) -> LossFn:
     def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        out = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        out = student(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
+        )
         return out.loss, {}
 
     return loss_fn

@@ -147,21 +147,39 @@ class Trainer:
             res.steps = self.step
             res.curve.append((self.step, step_loss))
             res.seconds = time.perf_counter() - t_start
-            record = {"stage": spec.stage, "step": self.step, "global_step": self.offset + self.step,
-                      "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "tokens": res.tokens, **parts}
+            record = {
+                "stage": spec.stage,
+                "step": self.step,
+                "global_step": self.offset + self.step,
+                "loss": step_loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens": res.tokens,
+                **parts,
+            }
             if self.step % spec.log_every == 0 or self.step == spec.max_steps:
                 now = time.perf_counter()
                 record["tokens_per_s"] = tok_window / max(now - t_window, 1e-9)
                 tok_window, t_window = 0, now
-                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s", spec.stage, self.step, spec.max_steps,
-                         step_loss, record["lr"], record["tokens_per_s"])
+                log.info(
+                    "%s step %d/%d loss %.4f lr %.2e %.0f tok/s",
+                    spec.stage,
+                    self.step,
+                    spec.max_steps,
+                    step_loss,
+                    record["lr"],
+                    record["tokens_per_s"],
+                )
             if self.eval_fn is not None and spec.eval_every and self.step % spec.eval_every == 0:
                 eval_loss, _ = self.eval_fn()
                 res.eval_curve.append((self.step, eval_loss))
                 record["eval_loss"] = eval_loss
             self.metrics.log(record)
-            if spec.checkpoint_every and self.step % spec.checkpoint_every == 0 and self.step < spec.max_steps:
+            if (
+                spec.checkpoint_every
+                and self.step % spec.checkpoint_every == 0
+                and self.step < spec.max_steps
+            ):
                 self.save(f"{spec.stage}-step{self.step}")
             if STOP.requested:
                 res.status = "preempted"
@@ -175,21 +193,27 @@ class Trainer:
         res = self.result
         res.status = "diverged"
         res.diverged_at = self.step + 1
-        res.reason = f"diverged at {self.spec.stage} step {self.step + 1} (loss={loss}, grad_norm={grad_norm})"
+        res.reason = (
+            f"diverged at {self.spec.stage} step {self.step + 1} (loss={loss}, grad_norm={grad_norm})"
+        )
         log.warning(res.reason)
         self.metrics.log({"stage": self.spec.stage, "step": self.step + 1, "event": "diverged", "loss": loss})
         return res
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, float]:
+def evaluate_lm(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[float, float]:
     """Mean held-out cross-entropy over fixed eval batches and its standard error across batches."""
     was_training = model.training
     model.eval()
     losses = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
+        )
         losses.append(out.loss.float().item())
     model.train(was_training)
     if not losses:

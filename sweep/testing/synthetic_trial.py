@@ -1,0 +1,145 @@
+"""A fast, real objective that runs through the exact subprocess path of a training trial.
+
+    python -m sweep.testing.synthetic_trial --out result.json -- function=hartmann6 x1=0.2 ... x6=0.5
+
+It speaks the same protocol as ``python -m training.run_trial``: Hydra-style ``key=value``
+overrides, ``run.metrics_file`` (JSONL progress lines), ``run.checkpoint_dir`` (a step counter is
+checkpointed every step and resumed from), SIGTERM -> checkpoint + ``status: preempted``, and a
+result JSON with ``final_eval_loss``. Keys it understands: ``function`` (hartmann6 | branin |
+mixed), ``steps``, ``step_s`` (sleep per step), ``noise`` (observation noise SD), ``seed``,
+``diverge_if`` (e.g. ``x1>0.9``: report divergence), ``crash`` (raise, an infrastructure failure).
+Other keys are passed to the function as parameters (``x1``.., or the mixed space's names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+_STOP = {"signal": None}
+
+# Hartmann6 constants (BoTorch's Hartmann(dim=6)); global minimum -3.32237 at the point below.
+_A = [[10, 3, 17, 3.5, 1.7, 8], [0.05, 10, 17, 0.1, 8, 14], [3, 3.5, 1.7, 10, 17, 8], [17, 8, 0.05, 10, 0.1, 14]]
+_P = [[1312, 1696, 5569, 124, 8283, 5886], [2329, 4135, 8307, 3736, 1004, 9991],
+      [2348, 1451, 3522, 2883, 3047, 6650], [4047, 8828, 8732, 5743, 1091, 381]]
+_ALPHA = [1.0, 1.2, 3.0, 3.2]
+HARTMANN6_MIN = -3.32237
+HARTMANN6_ARGMIN = (0.20169, 0.150011, 0.476874, 0.275332, 0.311652, 0.6573)
+
+
+def hartmann6(x: list[float]) -> float:
+    total = 0.0
+    for i in range(4):
+        inner = sum(_A[i][j] * (x[j] - _P[i][j] * 1e-4) ** 2 for j in range(6))
+        total += _ALPHA[i] * math.exp(-inner)
+    return -total
+
+
+def branin(x1: float, x2: float) -> float:
+    """Branin on [-5, 10] x [0, 15]; minimum 0.397887."""
+    b, c, t = 5.1 / (4 * math.pi**2), 5 / math.pi, 1 / (8 * math.pi)
+    return (x2 - b * x1**2 + c * x1 - 6) ** 2 + 10 * (1 - t) * math.cos(x1) + 10
+
+
+def mixed(p: dict) -> float:
+    """Shaped like search_spaces/stage19_stage2.yaml: two log-scale LRs, a boolean with conditional
+    children, ordered and unordered choices. Minimum 2.0 at lr1=3e-3, lr2=2.4e-3, saliency off."""
+    l1 = math.log(float(p["stage1_9_lr"]) / 3e-3)
+    l2 = math.log(float(p["stage2_lr"]) / 2.4e-3)
+    value = 2.0 + 0.6 * l1**2 + 0.9 * l2**2 + 0.3 * l1 * l2
+    if str(p.get("saliency", "false")).lower() == "true":
+        k = float(p.get("initial_k", 0.1))
+        schedule_penalty = 0.05 if p.get("saliency_schedule", "cosine") == "linear" else 0.0
+        decay_penalty = {0.95: 0.1, 0.99: 0.02, 0.995: 0.04}.get(float(p.get("ema_decay", 0.99)), 0.1)
+        value += 0.15 + 2.0 * (k - 0.1) ** 2 + schedule_penalty + decay_penalty
+    return value
+
+
+def evaluate(params: dict) -> float:
+    fn = params.pop("function", "hartmann6")
+    if fn == "hartmann6":
+        return hartmann6([float(params[f"x{i}"]) for i in range(1, 7)])
+    if fn == "branin":
+        return branin(float(params["x1"]), float(params["x2"]))
+    if fn == "mixed":
+        return mixed(params)
+    raise ValueError(f"function: got {fn!r}, allowed: hartmann6, branin, mixed")
+
+
+def _parse(overrides: list[str]) -> dict:
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        out[key.lstrip("+")] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("rest", nargs="*")
+    args = parser.parse_args(argv)
+    params = _parse([*args.overrides, *args.rest])
+    run = {k[4:]: params.pop(k) for k in list(params) if k.startswith("run.")}
+    steps = int(params.pop("steps", 5))
+    step_s = float(params.pop("step_s", 0.0))
+    noise = float(params.pop("noise", 0.0))
+    seed = int(params.pop("seed", 0))
+    diverge_if = params.pop("diverge_if", None)
+    crash = params.pop("crash", "false").lower() == "true"
+    for key in [k for k in params if "." in k or k in ("model", "data")]:
+        params.pop(key)  # Hydra paths meant for the real pipeline (base overrides) are ignored here.
+
+    signal.signal(signal.SIGTERM, lambda s, f: _STOP.__setitem__("signal", "SIGTERM"))
+    ckpt = Path(run["checkpoint_dir"]) / "state.json" if run.get("checkpoint_dir") else None
+    metrics = Path(run["metrics_file"]) if run.get("metrics_file") else None
+    start = json.loads(ckpt.read_text())["step"] if ckpt and ckpt.exists() else 0
+    if crash:
+        raise RuntimeError("synthetic crash requested (crash=true)")
+    value = evaluate(dict(params))
+    rng = random.Random(f"{seed}-{sorted(params.items())}")
+    observed = value + rng.gauss(0.0, noise) if noise else value
+    curve = []
+    for step in range(start + 1, steps + 1):
+        time.sleep(step_s)
+        loss = observed + (steps - step) * 0.1  # a curve that falls to the objective value
+        curve.append((step, loss))
+        if metrics:
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            with metrics.open("a") as fh:
+                fh.write(json.dumps({"stage": "stage2", "step": step, "loss": loss, "time": time.time()}) + "\n")
+        if ckpt:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(json.dumps({"step": step}))
+        if _STOP["signal"]:
+            return _write(args.out, {"status": "preempted", "reason": f"SIGTERM at stage2 step {step}",
+                                     "resumed_from": start, "steps": step})
+    if diverge_if:
+        name, _, threshold = diverge_if.partition(">")
+        if float(params[name]) > float(threshold):
+            return _write(args.out, {"status": "diverged", "reason": f"diverged at stage2 step {steps}"})
+    return _write(args.out, {"status": "completed", "final_eval_loss": observed, "final_eval_loss_sem": noise or 0.0,
+                             "true_value": value, "resumed_from": start, "steps": steps,
+                             "stages": {"stage2": {"curve": curve}}, "pid": os.getpid()})
+
+
+def _write(path: str, payload: dict) -> int:
+    tmp = Path(path + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
