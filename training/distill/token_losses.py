@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A unit vector is never produced from a zero hidden state; the clamp keeps padding-free all-zero rows finite.
+# Denominator floor for L2 normalisation: an all-zero hidden state normalises to 0 instead of NaN.
 _NORM_EPS = 1e-12
 
 
