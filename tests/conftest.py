@@ -98,3 +98,29 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGCS]:
             proc.kill()
             proc.wait()
         log_file.close()
+
+
+# A deliberately small tiny-teacher spec for pipeline tests: builds in seconds, cached like the default.
+TINY_TEST_OVERRIDES = [
+    "model.tiny.vocab_size=512",
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=192",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=4",
+    "model.tiny.num_kv_heads=2",
+    "model.tiny.seq_len=64",
+    "model.tiny.pretrain_steps=60",
+    "model.tiny.batch_size=16",
+    "data.seq_len=64",
+    "data.eval_blocks=8",
+    "data.eval_batch_size=4",
+    "stage1_9.batch_size=4",
+    "stage2.batch_size=4",
+    "stage1_9.log_every=1",
+    "stage2.log_every=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    return list(TINY_TEST_OVERRIDES)

@@ -71,6 +71,10 @@ class StopFlag:
     def requested(self) -> bool:
         return self._event.is_set()
 
+    def clear(self) -> None:
+        self.signal_name = None
+        self._event.clear()
+
     def request(self, why: str = "requested") -> None:
         self.signal_name = why
         self._event.set()
