@@ -1,0 +1,176 @@
+"""The sweep's own book of trials: who runs what, which attempt, what was ingested.
+
+Ax knows a trial as RUNNING, COMPLETED, FAILED...; the sweep also needs the
+attempt number, the worker, the store time of the claim and which result files
+were already fed to Ax. That book lives *inside* the Ax snapshot, as
+``experiment.properties["sweep"]``, so one CAS write of ``experiment.json``
+commits the Ax data and the bookkeeping together: a result recorded as ingested
+is in Ax's data and vice versa, which is what makes ingestion exactly-once. It
+also keeps ``experiment.json`` a plain Ax snapshot (``ax.Client`` loads it) and
+lets ``sweep status`` read the book with ``json.loads`` alone, without Ax.
+
+Trial states::
+
+    running --result completed/diverged/failed(final)--> completed | failed | early_stopped
+    running --stale heartbeat, preempted, infrastructure failure--> queued   (attempt < max)
+                                                                 \\-> failed  (attempt == max)
+    queued  --claimed again (same index, same params, attempt + 1)--> running
+
+This module is pure bookkeeping (no store, no Ax), so every transition is a
+small unit-testable function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT = 1
+PROPERTY = "sweep"  # key in Ax experiment.properties
+
+QUEUED, RUNNING, COMPLETED, FAILED, EARLY_STOPPED = (
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "early_stopped",
+)
+ACTIVE_STATES = (QUEUED, RUNNING)
+FINAL_STATES = (COMPLETED, FAILED, EARLY_STOPPED)
+
+# Ax generation node name -> the phase shown to users.
+PHASES = {"Sobol": "Sobol", "MBM": "BoTorch", "CenterOfSearchSpace": "Sobol"}
+
+
+@dataclass
+class TrialRecord:
+    index: int
+    params: dict[str, Any]
+    phase: str
+    state: str
+    attempt: int  # attempts handed out so far; the live one when running
+    worker: str | None
+    claimed_at: float | None  # store time of the current attempt's claim
+    ingested: list[int] = field(default_factory=list)  # attempts whose result file was consumed
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""  # why it failed, or why it was last requeued
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per ended attempt
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def end_attempt(self, attempt: int, outcome: str) -> None:
+        # An earlier attempt ending late (presumed dead, then finished) is not the current worker's.
+        current = attempt == self.attempt
+        self.history.append(
+            {
+                "attempt": attempt,
+                "worker": self.worker if current else None,
+                "claimed_at": self.claimed_at if current else None,
+                "outcome": outcome,
+            }
+        )
+
+
+@dataclass
+class Ledger:
+    space_yaml: str
+    trials: dict[int, TrialRecord] = field(default_factory=dict)
+
+    # -------------------- Serialisation (inside the Ax snapshot) -----------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "space_yaml": self.space_yaml,
+            # JSON object keys are strings; Ax's encoder would keep ints, its decoder not.
+            "trials": {str(i): asdict(t) for i, t in sorted(self.trials.items())},
+        }
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Any) -> Ledger:
+        """The ledger inside a parsed ``experiment.json``, read without Ax (for status)."""
+        try:
+            raw = snapshot["experiment"]["properties"][PROPERTY]
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"no sweep ledger in experiment.properties ({type(err).__name__}: {err})"
+            ) from err
+        return cls.from_json(raw)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Ledger:
+        """Raise ValueError saying what is wrong if ``raw`` is not a ledger this code wrote."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"sweep ledger format must be {FORMAT}, got {got!r}")
+        try:
+            trials = {int(k): TrialRecord(**v) for k, v in raw["trials"].items()}
+            return cls(space_yaml=str(raw["space_yaml"]), trials=trials)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"sweep ledger is malformed: {err}") from err
+
+    # -------------------- Queries ------------------------------------------------------
+
+    def active(self) -> list[TrialRecord]:
+        return [t for _, t in sorted(self.trials.items()) if t.active]
+
+    def next_queued(self) -> TrialRecord | None:
+        return next((t for _, t in sorted(self.trials.items()) if t.state == QUEUED), None)
+
+    def count(self, state: str) -> int:
+        return sum(1 for t in self.trials.values() if t.state == state)
+
+    # -------------------- Transitions --------------------------------------------------
+
+    def add(self, index: int, params: dict[str, Any], node: str, worker: str, now: float) -> TrialRecord:
+        if index in self.trials:
+            raise ValueError(f"trial {index} is already in the ledger")
+        record = TrialRecord(
+            index=index,
+            params=dict(params),
+            phase=PHASES.get(node, node),
+            state=RUNNING,
+            attempt=1,
+            worker=worker,
+            claimed_at=now,
+        )
+        self.trials[index] = record
+        return record
+
+    @staticmethod
+    def hand_out(record: TrialRecord, worker: str, now: float) -> None:
+        """A queued trial starts its next attempt with ``worker``."""
+        if record.state != QUEUED:
+            raise ValueError(f"trial {record.index} is {record.state}, not queued")
+        record.state, record.attempt, record.worker, record.claimed_at = (
+            RUNNING,
+            record.attempt + 1,
+            worker,
+            now,
+        )
+
+    @staticmethod
+    def retry_or_fail(record: TrialRecord, reason: str, max_attempts: int) -> bool:
+        """End the current attempt for an infrastructure ``reason``; True if the trial is queued again.
+
+        The attempt budget is ``max_attempts`` hand-outs in all; once spent the
+        trial fails, keeping the last reason.
+        """
+        record.end_attempt(record.attempt, reason)
+        if record.attempt < max_attempts:
+            record.state, record.reason = QUEUED, reason
+            return True
+        record.state = FAILED
+        record.reason = f"{reason} (gave up after {record.attempt} attempts)"
+        return False
+
+    @staticmethod
+    def finish(
+        record: TrialRecord, state: str, attempt: int, metrics: dict[str, Any], reason: str = ""
+    ) -> None:
+        if state not in FINAL_STATES:
+            raise ValueError(f"{state!r} is not a final state; allowed: {', '.join(FINAL_STATES)}")
+        record.end_attempt(attempt, state if not reason else f"{state}: {reason}")
+        record.state, record.metrics, record.reason = state, dict(metrics), reason

@@ -1,0 +1,108 @@
+"""A read-only picture of an experiment: one row per trial, counts, best so far.
+
+Built from the ledger inside ``experiment.json`` (plain JSON, no Ax import) plus,
+for trials still in flight, their live objects: the current attempt's heartbeat
+(latest progress, age by the store's clock) and any result file not yet
+ingested, so ``sweep status`` shows a finished trial before the next claim
+folds it into Ax. Nothing is written, so it needs no lease.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sweep.ledger import ACTIVE_STATES, COMPLETED, Ledger, TrialRecord
+from sweep.results import classify, objective_value
+from sweep.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    index: int
+    phase: str  # "Sobol" or "BoTorch"
+    state: str  # queued | running | completed | failed | early_stopped
+    attempt: int
+    worker: str | None
+    params: dict[str, Any]
+    description: str  # the active parameters on one line
+    progress: dict[str, Any] | None  # latest progress record of the live attempt
+    heartbeat_age_s: float | None  # store-clock seconds since the live attempt's last heartbeat
+    loss: float | None  # the objective
+    sem: float | None
+    reason: str  # failure reason, or why the trial was last requeued
+    ingested: bool  # False: the state comes from a result file Ax has not seen yet
+
+
+@dataclass(frozen=True)
+class ExperimentStatus:
+    name: str
+    uri: str
+    metric: str
+    minimize: bool
+    budget: int
+    rows: tuple[TrialRow, ...]
+    snapshot_bytes: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {state: 0 for state in ("queued", "running", "completed", "failed", "early_stopped")}
+        for row in self.rows:
+            out[row.state] = out.get(row.state, 0) + 1
+        return out
+
+    @property
+    def best(self) -> TrialRow | None:
+        done = [r for r in self.rows if r.state == COMPLETED and r.loss is not None and math.isfinite(r.loss)]
+        if not done:
+            return None
+        return min(done, key=lambda r: r.loss if self.minimize else -r.loss)  # type: ignore[operator]
+
+    @property
+    def finished(self) -> bool:
+        """Budget spent and nothing in flight."""
+        return len(self.rows) >= self.budget and not any(r.state in ACTIVE_STATES for r in self.rows)
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """What the store says about one in-flight trial beyond the ledger."""
+
+    progress: dict[str, Any] | None
+    heartbeat_age_s: float | None
+    pending_result: dict[str, Any] | None  # newest result file not yet ingested
+
+
+def build_rows(ledger: Ledger, space: SearchSpace, live: dict[int, LiveView]) -> tuple[TrialRow, ...]:
+    return tuple(_row(t, space, live.get(t.index)) for _, t in sorted(ledger.trials.items()))
+
+
+def _row(t: TrialRecord, space: SearchSpace, view: LiveView | None) -> TrialRow:
+    metric = space.objective.metric
+    state, metrics, reason, ingested = t.state, t.metrics, t.reason, True
+    if view is not None and view.pending_result is not None:
+        _kind, final_state, why = classify(view.pending_result, metric)
+        if final_state:
+            state, metrics, reason, ingested = final_state, view.pending_result.get("metrics", {}), why, False
+    value = objective_value({"metrics": metrics}, metric)
+    try:
+        description = space.describe(t.params)
+    except ValueError:
+        # A space edited after the trial ran; show the raw parameters rather than fail the table.
+        description = " ".join(f"{k}={v}" for k, v in t.params.items())
+    return TrialRow(
+        index=t.index,
+        phase=t.phase,
+        state=state,
+        attempt=t.attempt,
+        worker=t.worker,
+        params=dict(t.params),
+        description=description,
+        progress=view.progress if view else None,
+        heartbeat_age_s=view.heartbeat_age_s if view else None,
+        loss=value[0] if value else None,
+        sem=value[1] if value else None,
+        reason=reason,
+        ingested=ingested,
+    )
