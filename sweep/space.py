@@ -111,6 +111,9 @@ class TrialSettings:
     max_attempts: int = 3
     heartbeat_s: float = 30.0
     grace_s: float = 120.0
+    # The module a worker runs as ``python -m <entrypoint> --out result.json -- <overrides>``:
+    # the real pipeline by default; sweep.testing.synthetic_trial for benchmarks and tests.
+    entrypoint: str = "training.run_trial"
 
     @property
     def stale_after_s(self) -> float:
@@ -308,6 +311,7 @@ class SearchSpace:
                 "max_attempts": self.trial.max_attempts,
                 "heartbeat_s": self.trial.heartbeat_s,
                 "grace_s": self.trial.grace_s,
+                "entrypoint": self.trial.entrypoint,
             },
             "early_stopping": None
             if es is None
@@ -455,7 +459,7 @@ def _budget(raw: Any) -> Budget:
 
 
 def _trial(raw: Any) -> TrialSettings:
-    f = _fields(raw, "trial", required=(), allowed=("max_attempts", "heartbeat_s", "grace_s"))
+    f = _fields(raw, "trial", required=(), allowed=("max_attempts", "heartbeat_s", "grace_s", "entrypoint"))
     default = TrialSettings()
     heartbeat = _number(f.get("heartbeat_s", default.heartbeat_s), "trial.heartbeat_s")
     if heartbeat <= 0:
@@ -467,7 +471,14 @@ def _trial(raw: Any) -> TrialSettings:
         max_attempts=_int(f.get("max_attempts", default.max_attempts), "trial.max_attempts", minimum=1),
         heartbeat_s=float(heartbeat),
         grace_s=float(grace),
+        entrypoint=_entrypoint(f.get("entrypoint", default.entrypoint)),
     )
+
+
+def _entrypoint(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", value):
+        raise SpaceError(f"trial.entrypoint: must be a Python module path such as training.run_trial, got {value!r}")
+    return value
 
 
 def _early_stopping(raw: Any) -> EarlyStopping:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweep.experiment import TrialSuperseded
+
 log = logging.getLogger("sweep.worker")
 
 INFRA_STATUSES = ("failed", "preempted")
@@ -35,7 +37,7 @@ class WorkerOptions:
     device: str | None = None  # e.g. "0" -> CUDA_VISIBLE_DEVICES=0 for the trial
     max_consecutive_failures: int = 3  # flapping: stop after K infrastructure failures in a row
     workdir: Path = field(default_factory=lambda: Path(".sweep-worker"))
-    entrypoint: str = "training.run_trial"
+    entrypoint: str | None = None  # default: the space's trial.entrypoint
     stop_grace_s: float = 120.0  # how long a SIGTERMed trial may take to checkpoint
     python: str = sys.executable
     log_tail_lines: int = 40
@@ -122,7 +124,8 @@ class Worker:
         ckpt_dir = claim.checkpoint_uri or str(tdir / "ckpt")
         overrides = [*claim.overrides, f"run.out_dir={tdir}", f"run.checkpoint_dir={ckpt_dir}",
                      f"run.metrics_file={metrics_path}"]
-        cmd = [self.opt.python, "-m", self.opt.entrypoint, "--out", str(result_path), "--", *overrides]
+        entrypoint = self.opt.entrypoint or self.exp.space.trial.entrypoint
+        cmd = [self.opt.python, "-m", entrypoint, "--out", str(result_path), "--", *overrides]
         env = dict(os.environ)
         if self.opt.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.opt.device
@@ -130,8 +133,9 @@ class Worker:
         started = time.time()
         with log_path.open("w") as log_fh:
             self._child = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
-            beat = _Heartbeat(self.exp, claim, metrics_path, interval_s=self._heartbeat_interval())
+                                           start_new_session=True, preexec_fn=_die_with_parent)
+            beat = _Heartbeat(self.exp, claim, metrics_path, interval_s=self._heartbeat_interval(),
+                              on_superseded=self._superseded)
             beat.start()
             try:
                 rc = self._wait(self._child)
@@ -160,6 +164,13 @@ class Worker:
                         os.killpg(child.pid, signal.SIGKILL)
                         return child.wait()
 
+    def _superseded(self, why: str) -> None:
+        """Another attempt owns this trial now (we were presumed dead): stop our copy at once."""
+        log.error("worker %s: %s; stopping the duplicate trial process", self.id, why)
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
     def _heartbeat_interval(self) -> float:
         space = getattr(self.exp, "space", None)
         return float(space.trial.heartbeat_s) if space is not None else 30.0
@@ -168,9 +179,10 @@ class Worker:
 class _Heartbeat(threading.Thread):
     """Rewrites the trial's heartbeat and uploads new progress lines every interval."""
 
-    def __init__(self, exp: Any, claim: Any, metrics_path: Path, interval_s: float) -> None:
+    def __init__(self, exp: Any, claim: Any, metrics_path: Path, interval_s: float, on_superseded) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{claim.trial_index}")
         self.exp, self.claim, self.metrics_path, self.interval_s = exp, claim, metrics_path, interval_s
+        self.on_superseded = on_superseded
         self._halt = threading.Event()
         self._offset = 0
 
@@ -185,6 +197,9 @@ class _Heartbeat(threading.Thread):
         records = self._new_records()
         try:
             self.exp.heartbeat(self.claim.trial_index, self.claim.attempt, records)
+        except TrialSuperseded as exc:
+            self._halt.set()
+            self.on_superseded(str(exc))
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the trial; the next one retries
             log.warning("heartbeat for trial %d failed: %s", self.claim.trial_index, exc)
 
@@ -201,6 +216,17 @@ class _Heartbeat(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=30)
+
+
+def _die_with_parent() -> None:
+    """In the trial process: get SIGTERM if the worker dies (even by kill -9), so an orphaned trial
+    checkpoints and exits instead of running on unsupervised. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _read_result(path: Path) -> dict | None:
