@@ -43,3 +43,13 @@ def test_bad_overrides_give_one_line_naming_the_key(override, message):
     text = str(err.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_tiny_config_defaults_equal_the_model_spec():
+    """``model=tiny`` must resolve to the same cached teacher that ``--build-tiny`` builds."""
+    from omegaconf import OmegaConf
+
+    from training.models import TinyModelSpec
+
+    cfg = compose_config([])
+    assert TinyModelSpec(**OmegaConf.to_container(cfg.model.tiny)) == TinyModelSpec()

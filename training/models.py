@@ -67,11 +67,24 @@ class TinyModelSpec:
     seq_len: int = 128
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
-    warmup_steps: int = 50
+    # A fraction, not a step count, so shorter test/CI specs get a proportionate warmup.
+    warmup_fraction: float = 0.08
     weight_decay: float = 0.1
     batch_size: int = 16
     eval_fraction: float = 0.05
     seed: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ModelError(
+                f"model.tiny: hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads} must divide evenly (hidden % heads == heads % kv_heads == 0)"
+            )
+        for name in ("pretrain_steps", "batch_size", "num_layers", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ModelError(f"model.tiny.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ModelError(f"model.tiny.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
 
     def key(self) -> str:
         payload = json.dumps({"recipe": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -90,11 +103,6 @@ def tiny_teacher_dir(spec: TinyModelSpec, cache_dir: str | Path | None = None) -
 def tiny_config(spec: TinyModelSpec, tokenizer):
     from transformers import LlamaConfig
 
-    if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
-        raise ModelError(
-            f"model.tiny: hidden_size={spec.hidden_size}, num_heads={spec.num_heads}, "
-            f"num_kv_heads={spec.num_kv_heads} must divide evenly (hidden % heads == heads % kv_heads == 0)"
-        )
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -152,7 +160,8 @@ def _pretrain(model: torch.nn.Module, train: TokenBlocks, spec: TinyModelSpec) -
         lr=spec.pretrain_lr,
         betas=(0.9, 0.95),
     )
-    schedule = get_cosine_schedule_with_warmup(optimizer, spec.warmup_steps, spec.pretrain_steps)
+    warmup_steps = max(1, round(spec.pretrain_steps * spec.warmup_fraction))
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, spec.pretrain_steps)
     loader = BlockLoader(train, spec.batch_size, seed=spec.seed)
     log_every = max(1, spec.pretrain_steps // 10)
     started = time.monotonic()

@@ -16,7 +16,8 @@ from omegaconf import MISSING
 
 @dataclass
 class TinyConfig:
-    """The embedded default teacher (see training.models.TinyModelSpec)."""
+    """The embedded default teacher; mirrors training.models.TinyModelSpec field for field (a test
+    holds the defaults equal, so ``model=tiny`` loads the teacher that ``--build-tiny`` cached)."""
 
     vocab_size: int = 2048
     hidden_size: int = 128
@@ -25,9 +26,12 @@ class TinyConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     seq_len: int = 128
-    pretrain_steps: int = 300
+    pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
+    warmup_fraction: float = 0.08
+    weight_decay: float = 0.1
     batch_size: int = 16
+    eval_fraction: float = 0.05
     seed: int = 0
 
 

@@ -69,9 +69,9 @@ def load_texts(
 
 def resolve_files(path: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[str]:
     """Expand files, directories and globs into a sorted, de-duplicated file list (remote URLs pass through)."""
-    if path is None or path == "" or (not isinstance(path, (str, os.PathLike)) and not list(path)):
+    patterns = [] if path is None or path == "" else _as_list(path)
+    if not patterns:
         raise DataError("data.path: required for data=files; set it to a file, a directory or a glob")
-    patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     files: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(os.fspath(pattern))

@@ -56,34 +56,18 @@ class DataBundle:
 def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
     """Held-out eval batches plus one train loader per stage (different shuffles of the same split)."""
     d = cfg.data
-    texts = load_texts(
-        d.source,
-        path=d.path,
-        text_field=d.text_field,
-        hf_name=d.hf_name,
-        hf_config=d.hf_config,
-        split=d.split,
-        max_docs=d.max_docs,
-    )
+
+    def texts():
+        return load_texts(d.source, path=d.path, text_field=d.text_field, hf_name=d.hf_name,
+                          hf_config=d.hf_config, split=d.split, max_docs=d.max_docs)
+
     if d.source == "hf":
-        # Streaming: the first eval_blocks packed blocks are held out and the train stream skips them.
-        stream1 = StreamingBlockLoader(
-            texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks
-        )
-        held_out = stream1.take_eval_blocks(d.eval_blocks)
-        texts2 = load_texts(
-            d.source,
-            hf_name=d.hf_name,
-            hf_config=d.hf_config,
-            split=d.split,
-            text_field=d.text_field,
-            max_docs=d.max_docs,
-        )
-        stream2 = StreamingBlockLoader(
-            texts2, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks
-        )
-        return DataBundle(stream1, stream2, eval_batches(held_out, d.eval_batch_size))
-    blocks = build_blocks(texts, tokenizer, d.seq_len)
+        # Streaming: the first eval_blocks packed blocks are held out on every pass over the stream.
+        # Each loader gets a factory, so a finite stream starts another pass instead of running dry.
+        s19 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks)
+        s2 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks)
+        return DataBundle(s19, s2, eval_batches(s19.take_eval_blocks(d.eval_blocks), d.eval_batch_size))
+    blocks = build_blocks(texts(), tokenizer, d.seq_len)
     train, held_out = split_train_eval(blocks, eval_blocks=d.eval_blocks, seed=d.seed)
     return DataBundle(
         stage1_9=BlockLoader(train, cfg.stage1_9.batch_size, seed=d.seed + 1),
