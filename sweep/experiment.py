@@ -181,8 +181,6 @@ class Experiment:
         ``lease_ttl_s``: how long a dead claimer can block the others (a live one
         renews while Ax works); ``lease_timeout_s``: how long a claim waits for it.
         """
-        from sweep import ax_client
-
         name = name or space.name
         if not _NAME.fullmatch(name):
             raise SpaceError(f"name: must be 1-64 characters of a-z, 0-9, '_' or '-', got {name!r}")
@@ -193,6 +191,8 @@ class Experiment:
         )
         if store.stat(SNAPSHOT_KEY) is not None:
             raise exists
+        from sweep import ax_client  # seconds (torch); not needed to refuse an existing name
+
         snapshot = ax_client.encode(ax_client.new_client(space), Ledger(space_yaml=space.to_yaml()))
         try:
             # Create-only: of two concurrent inits exactly one wins, and only it writes space.yaml.
@@ -245,6 +245,8 @@ class Experiment:
 
     def ingest(self, worker_id: str = "ingest") -> int:
         """Fold reported results and stale heartbeats into Ax now, without claiming; the number of changes."""
+        from sweep import ax_client  # noqa: F401 -- imported before the lease is taken, see _claim_once
+
         with self._lock, self._leased(worker_id) as lease:
             try:
                 snap = self._load()
@@ -380,6 +382,9 @@ class Experiment:
     # -------------------- Section 5: Private: one claim -------------------------------
 
     def _claim_once(self, worker_id: str) -> ClaimResult:
+        # Import Ax (and torch: seconds) before taking the lease, not while every other worker waits.
+        from sweep import ax_client  # noqa: F401
+
         with self._lock, self._leased(worker_id) as lease:
             try:
                 snap = self._load()

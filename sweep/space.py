@@ -19,6 +19,7 @@ field, e.g. ``parameters.stage2_lr.low: must be > 0 for log scale, got 0``::
       # also {type: int, low, high, log} and {type: fixed, value: X, override: ...}
     trial: {max_attempts: 3, heartbeat_s: 30, grace_s: 120}
     early_stopping: null                # or {percentile: 50, min_progression: 50, min_curves: 5}
+    tracking: {wandb: false, project: bitnet-sweep, entity: null}   # W&B run per trial when wandb: true
 
 Conditional parameters use Ax's hierarchical search space
 (``ChoiceParameterConfig.dependent_parameters``). We chose it over a flat space
@@ -58,6 +59,8 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OVERRIDE_KEY = re.compile(r"(\+\+|\+)?[A-Za-z_][A-Za-z0-9_-]*([./][A-Za-z0-9_-]+)*")
 # Strings Hydra reads back as the same string without quotes.
 _PLAIN_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+# W&B project / entity names, safe to pass as a Hydra override value without quoting.
+_WANDB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}")
 _HYDRA_WORDS = frozenset({"true", "false", "null", "inf", "nan"})
 # Characters a choice string may hold so that single-quoting it is always enough for Hydra.
 _QUOTABLE_STRING = re.compile(r"[^'\\\n\r]+")
@@ -71,6 +74,7 @@ _TOP_KEYS = (
     "parameters",
     "trial",
     "early_stopping",
+    "tracking",
 )
 _PARAM_KEYS = {
     "float": ("type", "low", "high", "log", "override", "only_if"),
@@ -126,6 +130,19 @@ class EarlyStopping:
     percentile: float
     min_progression: int
     min_curves: int
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Experiment tracking of each trial: a Weights & Biases run per trial when ``wandb`` is true.
+
+    The API key is never part of the space: W&B runs offline unless ``WANDB_API_KEY`` is set
+    in the environment of the worker.
+    """
+
+    wandb: bool = False
+    project: str = "bitnet-sweep"
+    entity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,7 @@ class SearchSpace:
     base_overrides: tuple[str, ...] = ()
     trial: TrialSettings = TrialSettings()
     early_stopping: EarlyStopping | None = None
+    tracking: Tracking = Tracking()
 
     # -------------------- Section 2: Parameterizations -> trial inputs ----------------
 
@@ -320,6 +338,11 @@ class SearchSpace:
                 "min_progression": es.min_progression,
                 "min_curves": es.min_curves,
             },
+            "tracking": {
+                "wandb": self.tracking.wandb,
+                "project": self.tracking.project,
+                "entity": self.tracking.entity,
+            },
         }
 
     def to_yaml(self) -> str:
@@ -420,6 +443,8 @@ def _parse(raw: Any) -> SearchSpace:
     parameters = _parameters(top["parameters"], base)
     trial = _trial(top.get("trial", {}))
     early = top.get("early_stopping")
+    raw_tracking = top.get("tracking")
+    tracking = Tracking() if raw_tracking is None else _tracking(raw_tracking)
     return SearchSpace(
         name=name,
         description=description,
@@ -429,6 +454,7 @@ def _parse(raw: Any) -> SearchSpace:
         base_overrides=base,
         trial=trial,
         early_stopping=None if early is None else _early_stopping(early),
+        tracking=tracking,
     )
 
 
@@ -494,6 +520,25 @@ def _early_stopping(raw: Any) -> EarlyStopping:
         min_progression=_int(f["min_progression"], "early_stopping.min_progression", minimum=0),
         min_curves=_int(f["min_curves"], "early_stopping.min_curves", minimum=1),
     )
+
+
+def _tracking(raw: Any) -> Tracking:
+    keys = ("wandb", "project", "entity")
+    f = _fields(raw, "tracking", required=(), allowed=keys)
+    default = Tracking()
+    enabled = f.get("wandb", default.wandb)
+    if not isinstance(enabled, bool):
+        raise SpaceError(f"tracking.wandb: must be true or false, got {_show(enabled)}")
+    project = _string(f.get("project", default.project), "tracking.project")
+    entity = f.get("entity")
+    if entity is not None:
+        entity = _string(entity, "tracking.entity")
+    for where, value in (("tracking.project", project), ("tracking.entity", entity)):
+        if value is not None and not _WANDB_NAME.fullmatch(value):
+            raise SpaceError(
+                f"{where}: must start with a letter, then letters, digits, '_', '-' or '.', got {_show(value)}"
+            )
+    return Tracking(wandb=enabled, project=project, entity=entity)
 
 
 def _base_overrides(raw: Any) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ folds it into Ax. Nothing is written, so it needs no lease.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sweep.ledger import ACTIVE_STATES, COMPLETED, Ledger, TrialRecord
@@ -33,6 +33,9 @@ class TrialRow:
     sem: float | None
     reason: str  # failure reason, or why the trial was last requeued
     ingested: bool  # False: the state comes from a result file Ax has not seen yet
+    metrics: dict[str, Any] = field(default_factory=dict)  # everything the deciding result reported
+    claimed_at: float | None = None  # store time of the current attempt's claim
+    history: tuple[dict[str, Any], ...] = ()  # one entry per ended attempt (ledger)
 
 
 @dataclass(frozen=True)
@@ -105,4 +108,7 @@ def _row(t: TrialRecord, space: SearchSpace, view: LiveView | None) -> TrialRow:
         sem=value[1] if value else None,
         reason=reason,
         ingested=ingested,
+        metrics=dict(metrics),
+        claimed_at=t.claimed_at,
+        history=tuple(t.history),
     )

@@ -4,10 +4,17 @@ The trial runs as ``python -m <entrypoint> --out result.json -- <overrides>`` (d
 ``training.run_trial``) in its own process group, so an OOM, a CUDA fault or a leak kills only the
 trial. SIGTERM to the worker (spot preemption) is forwarded: the trial checkpoints after its current
 step and reports ``preempted``; the next claim of that trial resumes from the checkpoint.
+
+With ``early_stopping`` in the space, each heartbeat that uploads a new stage-2 step asks Ax whether
+the trial should stop (sweep/early_stopping.py); if so the trial is SIGTERMed the same way and
+reported ``early_stopped`` with its last loss. With ``tracking: {wandb: true}`` the trial gets
+``run.wandb.*`` overrides and ``$SWEEP_TRIAL`` (sweep/trial_tracking.py); secrets from the
+environment are masked in everything reported to the store.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweep.early_stopping import EarlyStopMonitor, make_stopper
 from sweep.experiment import TrialSuperseded
+from sweep.trial_tracking import redact, trial_env, wandb_overrides
 
 log = logging.getLogger("sweep.worker")
 
@@ -49,6 +58,7 @@ class WorkerSummary:
     trials_run: int = 0
     completed: int = 0
     failed: int = 0
+    early_stopped: int = 0
     stop_reason: str = ""
 
 
@@ -59,6 +69,9 @@ class Worker:
         self.opt = options or WorkerOptions()
         self._stop = threading.Event()
         self._child: subprocess.Popen | None = None
+        self._signalled: subprocess.Popen | None = None  # the child already sent SIGTERM
+        self._stopper = make_stopper(experiment)  # None unless the space enables early stopping
+        self._monitor: EarlyStopMonitor | None = None  # of the running trial
 
     # -- lifecycle ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -71,8 +84,13 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._terminate_child()
+
+    def _terminate_child(self) -> None:
+        """SIGTERM the running trial once (a second signal must not cut its checkpoint short)."""
         child = self._child
-        if child is not None and child.poll() is None:
+        if child is not None and child is not self._signalled and child.poll() is None:
+            self._signalled = child
             child.send_signal(signal.SIGTERM)
 
     def run(self) -> WorkerSummary:
@@ -94,12 +112,21 @@ class Worker:
                 self._stop.wait(self.opt.poll_s)
                 continue
             claim = result.claim
+            if self._stop.is_set():
+                # SIGTERM arrived while the claim was in progress: hand the trial back now
+                # (requeued at the next claim) rather than start it on a machine that is going away.
+                self.exp.report_result(claim.trial_index, claim.attempt, {
+                    "status": "preempted", "reason": f"worker {self.id} stopped before the trial started"})
+                break
             outcome = self.run_trial(claim)
             self.exp.report_result(claim.trial_index, claim.attempt, outcome)
             summary.trials_run += 1
             idle_since = time.monotonic()
             if outcome["status"] == "completed":
                 summary.completed += 1
+                streak = 0
+            elif outcome["status"] == "early_stopped":
+                summary.early_stopped += 1
                 streak = 0
             elif outcome["status"] in INFRA_STATUSES and outcome.get("infrastructure", True):
                 summary.failed += 1
@@ -123,19 +150,25 @@ class Worker:
         result_path, metrics_path, log_path = tdir / "result.json", tdir / "metrics.jsonl", tdir / "trial.log"
         ckpt_dir = claim.checkpoint_uri or str(tdir / "ckpt")
         overrides = [*claim.overrides, f"run.out_dir={tdir}", f"run.checkpoint_dir={ckpt_dir}",
-                     f"run.metrics_file={metrics_path}"]
+                     f"run.metrics_file={metrics_path}", *self._tracking_overrides(claim)]
         entrypoint = self.opt.entrypoint or self.exp.space.trial.entrypoint
         cmd = [self.opt.python, "-m", entrypoint, "--out", str(result_path), "--", *overrides]
-        env = dict(os.environ)
+        env = {**os.environ, **trial_env(getattr(self.exp, "name", ""), claim, self.id)}
         if self.opt.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.opt.device
         log.info("worker %s: trial %d attempt %d: %s", self.id, claim.trial_index, claim.attempt, " ".join(overrides))
         started = time.time()
         with log_path.open("w") as log_fh:
             self._child = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True, preexec_fn=_die_with_parent)
+                                           start_new_session=True,
+                                           preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+            if self._stop.is_set():  # SIGTERM landed between the claim and Popen returning
+                self._terminate_child()
+            self._monitor = None if self._stopper is None else EarlyStopMonitor(
+                self._stopper, claim.trial_index, self._terminate_child,
+                metric=self.exp.space.objective.metric, minimize=self.exp.space.objective.minimize)
             beat = _Heartbeat(self.exp, claim, metrics_path, interval_s=self._heartbeat_interval(),
-                              on_superseded=self._superseded)
+                              on_superseded=self._superseded, monitor=self._monitor)
             beat.start()
             try:
                 rc = self._wait(self._child)
@@ -144,19 +177,25 @@ class Worker:
                 self._child = None
         outcome = _read_result(result_path)
         if outcome is None:
+            last = next((line.strip() for line in reversed(_tail(log_path, 5)) if line.strip()), "")
             outcome = {"status": "failed", "infrastructure": True,
-                       "reason": f"trial process exited with code {rc} and wrote no result"}
+                       "reason": f"trial process exited with code {rc} and wrote no result"
+                                 + (f": {last[:300]}" if last else "")}
         if outcome["status"] == "failed" or rc not in (0, None):
             outcome.setdefault("log_tail", _tail(log_path, self.opt.log_tail_lines))
+        if self._monitor is not None:
+            outcome = self._monitor.finalize(outcome)
+            self._monitor = None
         outcome.update(worker=self.id, seconds=time.time() - started, exit_code=rc)
-        return outcome
+        return redact(outcome)
 
     def _wait(self, child: subprocess.Popen) -> int:
         while True:
             try:
                 return child.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                if self._stop.is_set():
+                monitor = self._monitor
+                if self._stop.is_set() or (monitor is not None and monitor.stopped is not None):
                     try:
                         return child.wait(timeout=self.opt.stop_grace_s)
                     except subprocess.TimeoutExpired:
@@ -164,12 +203,13 @@ class Worker:
                         os.killpg(child.pid, signal.SIGKILL)
                         return child.wait()
 
+    def _tracking_overrides(self, claim: Any) -> list[str]:
+        return wandb_overrides(getattr(self.exp, "space", None), getattr(self.exp, "name", ""), claim)
+
     def _superseded(self, why: str) -> None:
         """Another attempt owns this trial now (we were presumed dead): stop our copy at once."""
         log.error("worker %s: %s; stopping the duplicate trial process", self.id, why)
-        child = self._child
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        self._terminate_child()
 
     def _heartbeat_interval(self) -> float:
         space = getattr(self.exp, "space", None)
@@ -179,10 +219,12 @@ class Worker:
 class _Heartbeat(threading.Thread):
     """Rewrites the trial's heartbeat and uploads new progress lines every interval."""
 
-    def __init__(self, exp: Any, claim: Any, metrics_path: Path, interval_s: float, on_superseded) -> None:
+    def __init__(self, exp: Any, claim: Any, metrics_path: Path, interval_s: float, on_superseded,
+                 monitor: EarlyStopMonitor | None = None) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{claim.trial_index}")
         self.exp, self.claim, self.metrics_path, self.interval_s = exp, claim, metrics_path, interval_s
         self.on_superseded = on_superseded
+        self.monitor = monitor
         self._halt = threading.Event()
         self._offset = 0
 
@@ -190,13 +232,17 @@ class _Heartbeat(threading.Thread):
         while True:
             self.beat()
             if self._halt.wait(self.interval_s):
-                self.beat()
+                self.beat(final=True)
                 return
 
-    def beat(self) -> None:
+    def beat(self, final: bool = False) -> None:
         records = self._new_records()
+        if self.monitor is not None:
+            self.monitor.observe(records)
         try:
             self.exp.heartbeat(self.claim.trial_index, self.claim.attempt, records)
+            if self.monitor is not None and not final:
+                self.monitor.check()  # asks Ax once the new progress is in the store
         except TrialSuperseded as exc:
             self._halt.set()
             self.on_superseded(str(exc))
@@ -218,7 +264,7 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=30)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """In the trial process: get SIGTERM if the worker dies (even by kill -9), so an orphaned trial
     checkpoints and exits instead of running on unsupervised. Linux only; elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
@@ -227,6 +273,9 @@ def _die_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        # The worker died between fork and prctl: the death signal will never come.
+        os._exit(1)
 
 
 def _read_result(path: Path) -> dict | None:

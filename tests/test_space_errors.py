@@ -51,7 +51,7 @@ CASES = [
         "budgett",
         {"trials": 1},
         "unknown key 'budgett'; allowed: name, description, objective, budget, "
-        "base_overrides, parameters, trial, early_stopping",
+        "base_overrides, parameters, trial, early_stopping, tracking",
     ),
     ("budget", DELETE, "budget: missing (required)"),
     ("budget.sobol", 3, "budget: unknown key 'sobol'; allowed: trials, sobol_trials, seed"),
@@ -185,7 +185,7 @@ CASES = [
     ),
     ("trial", {"max_attempts": 0}, "trial.max_attempts: must be >= 1, got 0"),
     ("trial", {"heartbeat_s": 0}, "trial.heartbeat_s: must be > 0, got 0"),
-    ("trial", {"grace": 10}, "trial: unknown key 'grace'; allowed: max_attempts, heartbeat_s, grace_s"),
+    ("trial", {"grace": 10}, "trial: unknown key 'grace'; allowed: max_attempts, heartbeat_s, grace_s, entrypoint"),
     (
         "early_stopping",
         {"percentile": 50, "min_progression": 5},
@@ -232,12 +232,12 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         (
             "",
             "the space is empty; expected a mapping with keys name, description, objective, budget, "
-            "base_overrides, parameters, trial, early_stopping",
+            "base_overrides, parameters, trial, early_stopping, tracking",
         ),
         (
             "- a\n- b\n",
             "the space: must be a mapping with keys name, description, objective, budget, base_overrides, "
-            "parameters, trial, early_stopping, got ['a', 'b']",
+            "parameters, trial, early_stopping, tracking, got ['a', 'b']",
         ),
         ("name: a\nname: b\n", "line 2: duplicate key 'name' (first at line 1)"),
         ("name: [a\n", "not valid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)"),

@@ -133,6 +133,7 @@ class Stage2Config(StageConfig):
 class WandbConfig:
     enabled: bool = False
     project: str = "bitnet-sweep"
+    entity: str | None = None  # W&B team or user; None: the API key's default entity
     group: str | None = None
     name: str | None = None
     # offline unless WANDB_API_KEY is set in the environment (the key is never stored in configs).

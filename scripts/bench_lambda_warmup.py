@@ -1,0 +1,236 @@
+"""Lambda warmup and Stage 1.9 ablation on the tiny model: Stage 2 start/end loss and final eval loss.
+
+The notebook's two findings, re-measured with the real pipeline (``training.api.compose_config`` +
+``run_pipeline``) on the tiny teacher, CPU, fp32:
+
+- "Quantization Scheduling Comparison": lambda warmup (0 -> 1) in Stage 2 gives a ~30% lower Stage 2
+  starting loss than immediate lambda = 1 (``stage2.lambda_warmup.enabled=false``);
+- "Stage 1.9 Value Test": Stage 1.9 (layer-wise distillation) before Stage 2 gives a lower final loss
+  after the same number of Stage 2 steps (``stage1_9.enabled=false``).
+
+All four combinations run for every seed (same seeds for every variant). The seed sets ``data.seed``
+(the train/eval split and both stages' batch order) and ``run.seed``; on CPU the pipeline is otherwise
+deterministic, so ``run.seed`` alone would repeat the same run. Per run we record:
+
+- Stage 2 start loss: the train loss of Stage 2's first step (lambda = 0 with warmup, 1 without),
+  and the mean of its first 5 steps;
+- Stage 2 end loss: mean train loss of its last 5 steps (lambda = 1 by then in every variant);
+- final eval loss: held-out CE at lambda = 1 (the sweep objective) +- its standard error over eval batches.
+
+    .venv/bin/python scripts/bench_lambda_warmup.py --out runs/bench_lambda_warmup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.api import compose_config, run_pipeline  # noqa: E402
+
+# (name, Stage 1.9 on, lambda warmup on)
+VARIANTS = (
+    ("s19+warmup", True, True),
+    ("s19, lambda=1", True, False),
+    ("no s19, warmup", False, True),
+    ("no s19, lambda=1", False, False),
+)
+EDGE = 5  # steps averaged for the "first 5" / "last 5" losses
+
+
+def run_one(args, seed: int, s19: bool, warmup: bool, root: Path) -> dict[str, Any]:
+    out = root / f"seed{seed}-s19{int(s19)}-warm{int(warmup)}"
+    overrides = [
+        "model=tiny",
+        "run.device=cpu",
+        f"run.out_dir={out}",
+        "run.resume=false",
+        f"run.seed={seed}",
+        f"data.seed={seed}",
+        f"data.eval_blocks={args.eval_blocks}",
+        f"data.eval_batch_size={args.eval_batch_size}",
+        f"stage1_9.max_steps={args.s19_steps}",
+        f"stage2.max_steps={args.s2_steps}",
+        f"stage2.lambda_warmup.warmup_steps={args.warmup_steps}",
+        f"stage1_9.enabled={str(s19).lower()}",
+        f"stage2.lambda_warmup.enabled={str(warmup).lower()}",
+        *args.override,
+    ]
+    start = time.perf_counter()
+    result = run_pipeline(compose_config(overrides))
+    seconds = time.perf_counter() - start
+    if result.status != "completed":
+        return {"status": result.status, "reason": result.reason, "seconds": seconds, "overrides": overrides}
+    curve = [loss for _, loss in result.stages["stage2"].curve]
+    row = {
+        "status": result.status,
+        "seconds": seconds,
+        "overrides": overrides,
+        "s2_start": curve[0],
+        "s2_start5": statistics.fmean(curve[:EDGE]),
+        "s2_end5": statistics.fmean(curve[-EDGE:]),
+        "final_eval": result.final_eval_loss,
+        "final_eval_sem": result.final_eval_loss_sem,
+        "s2_curve": curve,
+    }
+    if "stage1_9" in result.stages:
+        st = result.stages["stage1_9"]
+        row["s19_eval"] = st.eval_loss
+        row["s19_curve"] = [loss for _, loss in st.curve]
+    return row
+
+
+def _mean_spread(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.fmean(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_lambda_warmup.json"))
+    parser.add_argument("--seeds", default="0,1", help="comma-separated; each sets data.seed and run.seed")
+    parser.add_argument("--s19-steps", type=int, default=60)
+    parser.add_argument("--s2-steps", type=int, default=60)
+    parser.add_argument("--warmup-steps", type=int, default=30, help="stage2.lambda_warmup.warmup_steps")
+    parser.add_argument("--eval-blocks", type=int, default=48, help="data.eval_blocks (default config: 16)")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, _, _ in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="bench_lambda_warmup-") as tmp:
+        for seed in seeds:
+            for name, s19, warmup in VARIANTS:
+                row = run_one(args, seed, s19, warmup, Path(tmp))
+                runs[name][seed] = row
+                if row["status"] == "completed":
+                    print(
+                        f"seed {seed} {name:17s}: S2 start {row['s2_start']:.3f}, end {row['s2_end5']:.3f}, "
+                        f"final eval {row['final_eval']:.3f} +- {row['final_eval_sem']:.3f} "
+                        f"({row['seconds']:.0f}s)",
+                        flush=True,
+                    )
+                else:
+                    print(f"seed {seed} {name}: {row['status']}: {row['reason']}", flush=True)
+    total_s = time.perf_counter() - t0
+    load_end = os.getloadavg()
+    done = {
+        n: {s: r for s, r in by_seed.items() if r["status"] == "completed"} for n, by_seed in runs.items()
+    }
+
+    # ---- per-variant table: mean over seeds (min-max) --------------------------------------------
+    print(
+        f"\ntiny model, CPU fp32; Stage 1.9 {args.s19_steps} steps, Stage 2 {args.s2_steps} steps, "
+        f"lambda warmup {args.warmup_steps} steps (linear); seeds {seeds}; {total_s:.0f}s; "
+        f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}\n"
+    )
+    header = (
+        "variant",
+        "S2 start (step 1)",
+        f"S2 start (first {EDGE})",
+        f"S2 end (last {EDGE})",
+        "final eval",
+        "final eval sem",
+        "S1.9 eval",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    table = {}
+    for name, _, _ in VARIANTS:
+        rs = list(done[name].values())
+        if not rs:
+            print(f"| {name} | no completed run |" + " |" * (len(header) - 2))
+            continue
+        col = {
+            k: [r[k] for r in rs]
+            for k in ("s2_start", "s2_start5", "s2_end5", "final_eval", "final_eval_sem")
+        }
+        s19_eval = [r["s19_eval"] for r in rs if "s19_eval" in r]
+        table[name] = {k: statistics.fmean(v) for k, v in col.items()}
+        cells = (
+            name,
+            _mean_spread(col["s2_start"]),
+            _mean_spread(col["s2_start5"]),
+            _mean_spread(col["s2_end5"]),
+            _mean_spread(col["final_eval"]),
+            f"{statistics.fmean(col['final_eval_sem']):.3f}",
+            _mean_spread(s19_eval) if s19_eval else "-",
+        )
+        print("| " + " | ".join(cells) + " |")
+
+    # ---- paired effects, per seed ----------------------------------------------------------------
+    def paired(a: str, b: str, key: str, relative: bool) -> list[float]:
+        out = []
+        for seed in seeds:
+            if seed in done[a] and seed in done[b]:
+                x, y = done[a][seed][key], done[b][seed][key]
+                out.append(1.0 - x / y if relative else y - x)
+        return out
+
+    effects = {
+        "warmup: S2 start (step 1) reduction vs lambda=1, with S1.9": paired(
+            "s19+warmup", "s19, lambda=1", "s2_start", True
+        ),
+        "warmup: S2 start (step 1) reduction vs lambda=1, no S1.9": paired(
+            "no s19, warmup", "no s19, lambda=1", "s2_start", True
+        ),
+        f"warmup: S2 start (first {EDGE}) reduction vs lambda=1, with S1.9": paired(
+            "s19+warmup", "s19, lambda=1", "s2_start5", True
+        ),
+        "warmup: final eval reduction vs lambda=1, with S1.9": paired(
+            "s19+warmup", "s19, lambda=1", "final_eval", True
+        ),
+        "S1.9: S2 start (step 1) reduction vs no S1.9, with warmup": paired(
+            "s19+warmup", "no s19, warmup", "s2_start", True
+        ),
+        "S1.9: final eval reduction vs no S1.9, with warmup": paired(
+            "s19+warmup", "no s19, warmup", "final_eval", True
+        ),
+        "S1.9: final eval reduction vs no S1.9, lambda=1": paired(
+            "s19, lambda=1", "no s19, lambda=1", "final_eval", True
+        ),
+        "S1.9: S2 end (last 5) reduction vs no S1.9, with warmup": paired(
+            "s19+warmup", "no s19, warmup", "s2_end5", True
+        ),
+    }
+    print("\n| paired effect (same seed) | per seed | mean |")
+    print("|---|---|---|")
+    for label, xs in effects.items():
+        per = ", ".join(f"{x * 100:+.1f}%" for x in xs)
+        mean = f"{statistics.fmean(xs) * 100:+.1f}%" if xs else "-"
+        print(f"| {label} | {per} | {mean} |")
+
+    result = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seeds": seeds,
+        "seconds": total_s,
+        "load_avg_start": load_start,
+        "load_avg_end": load_end,
+        "cpu_count": os.cpu_count(),
+        "variants": {name: {"stage1_9": s19, "lambda_warmup": w} for name, s19, w in VARIANTS},
+        "runs": {name: {str(s): r for s, r in by_seed.items()} for name, by_seed in runs.items()},
+        "means": table,
+        "paired_relative_reductions": effects,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
