@@ -27,6 +27,8 @@ trip is identical either way (see tests/test_experiment_snapshot.py).
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,9 +41,14 @@ from ax.exceptions.core import DataRequiredError, OptimizationComplete
 from ax.exceptions.generation_strategy import MaxParallelismReachedException
 from ax.storage.json_store.decoder import generation_strategy_from_json, object_from_json
 from ax.storage.json_store.encoder import object_to_json
+from ax.utils.common.logger import set_stderr_log_level
 
 from sweep.ledger import PROPERTY, Ledger
 from sweep.space import SearchSpace
+
+# Ax logs every generated and completed trial at INFO on stderr; the worker logs its own line per
+# claim, so keep Ax to warnings unless asked (SWEEP_AX_LOG_LEVEL=INFO).
+set_stderr_log_level(getattr(logging, os.environ.get("SWEEP_AX_LOG_LEVEL", "WARNING").upper(), logging.WARNING))
 
 
 @dataclass(frozen=True)
