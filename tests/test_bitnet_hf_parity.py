@@ -54,5 +54,14 @@ def test_bf16_forward_matches_transformers_online_bitlinear():
     ours, theirs = pair(4, dtype=torch.bfloat16)
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
     with torch.no_grad():
+        try:
+            reference = theirs(x)
+        except RuntimeError as exc:
+            # Some transformers releases (5.17, which the skypilot/click pin selects) return the
+            # quantised weight in float32 for bf16 inputs and then fail in F.linear. Their layer's
+            # intended bf16 path is "quantise in float32, cast back": run it on float32 copies of the
+            # identical bf16 weights and inputs, then round to bf16.
+            assert "must have the same dtype" in str(exc)
+            reference = theirs.float()(x.float()).bfloat16()
         # bf16 outputs: one bf16 ulp at magnitude ~1 is 2**-8.
-        torch.testing.assert_close(ours(x).float(), theirs(x).float(), rtol=2**-7, atol=2**-7)
+        torch.testing.assert_close(ours(x).float(), reference.float(), rtol=2**-7, atol=2**-7)
