@@ -45,6 +45,8 @@ def test_notebook_space_matches_the_notebook() -> None:
         "data=fineweb",
         "stage1_9.max_steps=100",
         "stage2.max_steps=100",
+        "stage2.lambda_warmup.warmup_steps=50",
+        "run.checkpoint_every=25",
     )
     lr = space.parameter("stage1_9_lr")
     assert (lr.type, lr.low, lr.high, lr.log) == ("float", 1e-3, 8e-3, True)
@@ -71,6 +73,8 @@ def test_overrides_drop_inactive_children() -> None:
         "data=fineweb",
         "stage1_9.max_steps=100",
         "stage2.max_steps=100",
+        "stage2.lambda_warmup.warmup_steps=50",
+        "run.checkpoint_every=25",
         "stage1_9.optimizer.lr=0.003",
         "stage2.optimizer.lr=0.0025",
         "stage1_9.saliency.enabled=false",
@@ -80,7 +84,7 @@ def test_overrides_drop_inactive_children() -> None:
 
 def test_overrides_keep_active_children() -> None:
     space = load_space(NOTEBOOK)
-    assert space.overrides(SALIENCY_ON)[4:] == [
+    assert space.overrides(SALIENCY_ON)[6:] == [
         "stage1_9.optimizer.lr=0.003",
         "stage2.optimizer.lr=0.0025",
         "stage1_9.saliency.enabled=true",
