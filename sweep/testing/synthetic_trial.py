@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k in params if "." in k or k in ("model", "data")]:
         params.pop(key)  # Hydra paths meant for the real pipeline (base overrides) are ignored here.
 
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before any gcsfs import
     signal.signal(signal.SIGTERM, lambda s, f: _STOP.__setitem__("signal", "SIGTERM"))
-    ckpt = Path(run["checkpoint_dir"]) / "state.json" if run.get("checkpoint_dir") else None
+    ckpt = _Checkpoint(run["checkpoint_dir"]) if run.get("checkpoint_dir") else None
     metrics = Path(run["metrics_file"]) if run.get("metrics_file") else None
-    start = json.loads(ckpt.read_text())["step"] if ckpt and ckpt.exists() else 0
+    start = ckpt.read() if ckpt else 0
     if crash:
         raise RuntimeError("synthetic crash requested (crash=true)")
     value = evaluate(dict(params))
@@ -119,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             with metrics.open("a") as fh:
                 fh.write(json.dumps({"stage": "stage2", "step": step, "loss": loss, "time": time.time()}) + "\n")
         if ckpt:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text(json.dumps({"step": step}))
+            ckpt.write(step)
         if _STOP["signal"]:
             return _write(args.out, {"status": "preempted", "reason": f"SIGTERM at stage2 step {step}",
                                      "resumed_from": start, "steps": step})
@@ -131,6 +131,41 @@ def main(argv: list[str] | None = None) -> int:
     return _write(args.out, {"status": "completed", "final_eval_loss": observed, "final_eval_loss_sem": noise or 0.0,
                              "true_value": value, "resumed_from": start, "steps": steps,
                              "stages": {"stage2": {"curve": curve}}, "pid": os.getpid()})
+
+
+class _Checkpoint:
+    """``<checkpoint_dir>/state.json``: a local folder, or a ``gs://`` URI reached like the sweep store
+    (``$SWEEP_GCS_ENDPOINT`` / ``$STORAGE_EMULATOR_HOST``, as training.checkpoint does)."""
+
+    def __init__(self, root: str) -> None:
+        self.local = "://" not in root
+        if self.local:
+            self.path = Path(root) / "state.json"
+            return
+        import fsspec
+
+        from sweep.store.gcs_http import resolve_endpoint
+
+        options = {}
+        if root.startswith(("gs://", "gcs://")) and resolve_endpoint():
+            options = {"endpoint_url": resolve_endpoint(), "token": "anon"}
+        self.fs, path = fsspec.core.url_to_fs(root, **options)
+        self.uri = f"{path.rstrip('/')}/state.json"
+
+    def read(self) -> int:
+        if self.local:
+            return json.loads(self.path.read_text())["step"] if self.path.exists() else 0
+        try:
+            return json.loads(self.fs.cat_file(self.uri))["step"]
+        except FileNotFoundError:
+            return 0
+
+    def write(self, step: int) -> None:
+        if self.local:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"step": step}))
+        else:
+            self.fs.pipe_file(self.uri, json.dumps({"step": step}).encode())
 
 
 def _write(path: str, payload: dict) -> int:
