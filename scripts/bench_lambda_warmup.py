@@ -33,9 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.api import compose_config, run_pipeline  # noqa: E402
+from training.stages.common import build_data, build_student, load_teacher  # noqa: E402
+from training.stages.trainer import evaluate_lm  # noqa: E402
 
 # (name, Stage 1.9 on, lambda warmup on)
 VARIANTS = (
@@ -47,9 +51,8 @@ VARIANTS = (
 EDGE = 5  # steps averaged for the "first 5" / "last 5" losses
 
 
-def run_one(args, seed: int, s19: bool, warmup: bool, root: Path) -> dict[str, Any]:
-    out = root / f"seed{seed}-s19{int(s19)}-warm{int(warmup)}"
-    overrides = [
+def _overrides(args, seed: int, s19: bool, warmup: bool, out: Path) -> list[str]:
+    return [
         "model=tiny",
         "run.device=cpu",
         f"run.out_dir={out}",
@@ -65,6 +68,26 @@ def run_one(args, seed: int, s19: bool, warmup: bool, root: Path) -> dict[str, A
         f"stage2.lambda_warmup.enabled={str(warmup).lower()}",
         *args.override,
     ]
+
+
+def stage1_probe(args, seed: int, root: Path) -> dict[str, float]:
+    """Held-out loss with no training: the teacher, and the Stage 1 student (SubLN + BitLinear) at
+    lambda = 0 (teacher + SubLN: BitLinear is exactly nn.Linear there) and at lambda = 1 (ternary)."""
+    cfg = compose_config(_overrides(args, seed, True, True, root / f"probe{seed}"))
+    device = torch.device("cpu")
+    teacher, tokenizer = load_teacher(cfg, device, torch.float32)
+    data = build_data(cfg, tokenizer)
+    probe = {"teacher": evaluate_lm(teacher, data.eval, device)[0]}
+    student = build_student(cfg, teacher)
+    for lam in (0.0, 1.0):
+        student.lam.set_value(lam)
+        probe[f"stage1_lambda{lam:g}"] = evaluate_lm(student.model, data.eval, device)[0]
+    return probe
+
+
+def run_one(args, seed: int, s19: bool, warmup: bool, root: Path) -> dict[str, Any]:
+    out = root / f"seed{seed}-s19{int(s19)}-warm{int(warmup)}"
+    overrides = _overrides(args, seed, s19, warmup, out)
     start = time.perf_counter()
     result = run_pipeline(compose_config(overrides))
     seconds = time.perf_counter() - start
@@ -105,16 +128,32 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=48, help="data.eval_blocks (default config: 16)")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared, overloaded CPU a 2-thread step stalls whenever "
+        "one of its threads is descheduled)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, _, _ in VARIANTS}
+    probes: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_lambda_warmup-") as tmp:
         for seed in seeds:
+            probes[seed] = stage1_probe(args, seed, Path(tmp))
+            print(
+                f"seed {seed} before training: eval loss teacher {probes[seed]['teacher']:.3f}, "
+                f"Stage 1 student lambda=0 {probes[seed]['stage1_lambda0']:.3f}, "
+                f"lambda=1 {probes[seed]['stage1_lambda1']:.3f}",
+                flush=True,
+            )
             for name, s19, warmup in VARIANTS:
                 row = run_one(args, seed, s19, warmup, Path(tmp))
                 runs[name][seed] = row
@@ -136,7 +175,8 @@ def main() -> None:
     # ---- per-variant table: mean over seeds (min-max) --------------------------------------------
     print(
         f"\ntiny model, CPU fp32; Stage 1.9 {args.s19_steps} steps, Stage 2 {args.s2_steps} steps, "
-        f"lambda warmup {args.warmup_steps} steps (linear); seeds {seeds}; {total_s:.0f}s; "
+        f"lambda warmup {args.warmup_steps} steps (linear); seeds {seeds}; {args.threads} thread(s); "
+        f"{total_s:.0f}s; "
         f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}\n"
     )
     header = (
@@ -172,6 +212,15 @@ def main() -> None:
             _mean_spread(s19_eval) if s19_eval else "-",
         )
         print("| " + " | ".join(cells) + " |")
+
+    print("\n| before any training (eval loss) | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    for key, label in (
+        ("teacher", "FP teacher"),
+        ("stage1_lambda0", "Stage 1 student, lambda = 0 (teacher + SubLN)"),
+        ("stage1_lambda1", "Stage 1 student, lambda = 1 (ternary)"),
+    ):
+        print(f"| {label} | " + " | ".join(f"{probes[s][key]:.3f}" for s in seeds) + " |")
 
     # ---- paired effects, per seed ----------------------------------------------------------------
     def paired(a: str, b: str, key: str, relative: bool) -> list[float]:
@@ -222,7 +271,9 @@ def main() -> None:
         "load_avg_start": load_start,
         "load_avg_end": load_end,
         "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "variants": {name: {"stage1_9": s19, "lambda_warmup": w} for name, s19, w in VARIANTS},
+        "before_training": {str(s): p for s, p in probes.items()},
         "runs": {name: {str(s): r for s, r in by_seed.items()} for name, by_seed in runs.items()},
         "means": table,
         "paired_relative_reductions": effects,

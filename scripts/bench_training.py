@@ -56,12 +56,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.api import compose_config  # noqa: E402
+from training.bitnet.fp8 import configure_fp8  # noqa: E402
 from training.runtime import resolve_device, resolve_dtype, seed_everything  # noqa: E402
 from training.stages import stage1_9 as s19  # noqa: E402
 from training.stages import stage2 as s2  # noqa: E402
 from training.stages.common import (  # noqa: E402
     build_data,
     build_student,
+    enable_gradient_checkpointing,
     lambda_schedule,
     load_teacher,
     maybe_compile,
@@ -170,10 +172,13 @@ def _teacher(args, cfg, device, dtype):
 def build_variant(args, cfg, stage: str, compiled: bool, teacher, data, device) -> Variant:
     """One Trainer wired exactly as training.stages.pipeline.run_pipeline wires that stage."""
     cfg = copy.deepcopy(cfg)
-    cfg.run.compile = compiled
+    cfg.run.compile = "true" if compiled else "false"
     student = build_student(cfg, teacher)
     model = student.model
-    fwd = maybe_compile(model, cfg)
+    # As run_pipeline prepares the student (both are no-ops at their defaults; single process, no FSDP).
+    enable_gradient_checkpointing(model, cfg)
+    configure_fp8(model, cfg.model.fp8, device, cfg.model.fp8_out_dtype)
+    fwd = maybe_compile(model, cfg, device)
     c = cfg[stage]
     opt, sched = optimizer_for(c, model)
     # Every log line is also a timing point inside fit(); keep them out of the timed window.
@@ -345,7 +350,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="default: 128 (tiny), 512 (smollm2-135m)")
     parser.add_argument("--dtype", default=None, help="model.dtype (default auto: fp32 CPU, bf16 CUDA)")
     parser.add_argument("--tokenizer-vocab", type=int, default=2048, help="BPE vocab for smollm2-135m data")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: 1 on CPU, where a shared machine stalls multi-thread steps)",
+    )
     parser.add_argument(
         "--stage2-lambda-warmup",
         action="store_true",
@@ -357,9 +367,9 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if args.model == "auto":
         args.model = "smollm2-135m" if device.type == "cuda" else "tiny"
     if args.model == "smollm2-135m" and args.seq_len is None:
