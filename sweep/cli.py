@@ -3,8 +3,10 @@
     sweep init   --space search_spaces/tiny_cpu.yaml [--store ./sweeps] [--name NAME]
     sweep run    --store ./sweeps/tiny_cpu --workers 2      # local workers (one per GPU when GPUs exist)
     sweep worker --store gs://bucket/sweeps/stage19_stage2  # what each SkyPilot job runs
-    sweep status --store ./sweeps/tiny_cpu
-    sweep report --store ./sweeps/tiny_cpu [--out DIR]
+    sweep status --store ./sweeps/tiny_cpu [--watch]
+    sweep report --store ./sweeps/tiny_cpu [--out DIR] [--no-ax]
+    sweep launch --store gs://bucket/sweeps/stage19_stage2 --workers 8 [--dryrun]   # SkyPilot spot workers
+    sweep export-best --store gs://bucket/sweeps/stage19_stage2   # best trial's BitNet model -> best/
 
 ``--store`` defaults to ``$SWEEP_STORE`` or ``./sweeps``; it may name the store root (then
 ``--name`` or the only experiment in it is used) or one experiment's folder. Exit codes: 0 ok,
@@ -92,16 +94,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from sweep.worker import Worker, WorkerOptions
 
+    _check_gpus_per_trial(args.gpus_per_trial, args.device)
     exp = open_experiment(args)
     opts = WorkerOptions(max_trials=args.max_trials, idle_timeout_s=args.idle_timeout, device=args.device,
-                         workdir=Path(args.workdir))
+                         workdir=Path(args.workdir), gpus_per_trial=args.gpus_per_trial)
     if args.poll is not None:
         opts.poll_s = args.poll
     worker = Worker(exp, worker_id=args.worker_id, options=opts)
     worker.install_signal_handlers()
     summary = worker.run()
     print(f"worker {summary.worker_id}: {summary.trials_run} trials ({summary.completed} completed, "
-          f"{summary.failed} failed); stopped: {summary.stop_reason}")
+          f"{summary.failed} failed, {summary.early_stopped} early-stopped); stopped: {summary.stop_reason}")
     return 1 if "flapping" in summary.stop_reason else 0
 
 
@@ -123,6 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     store_uri = _store_uri(args)
     gpus = _gpu_ids()
     n = args.workers
+    k = args.gpus_per_trial
+    _check_gpus_per_trial(k, None)
+    if gpus and n * k > len(gpus):
+        raise UserError(f"--workers {n} x --gpus-per-trial {k} needs {n * k} GPUs but {len(gpus)} are visible; "
+                        f"use --workers {max(1, len(gpus) // k)}")
     print(f"starting {n} local worker(s) on {store_uri}" + (f" over GPUs {','.join(gpus)}" if gpus else " (CPU)"))
     env = dict(os.environ)
     if not gpus and "OMP_NUM_THREADS" not in env:
@@ -131,10 +139,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     procs = []
     for i in range(n):
         cmd = [sys.executable, "-m", "sweep.cli", "worker", "--store", store_uri, "--worker-id",
-               f"local-{i}", "--workdir", str(Path(args.workdir) / f"worker-{i}"), "--poll", str(args.poll or 2.0)]
+               f"{args.worker_id_prefix}-{i}", "--workdir", str(Path(args.workdir) / f"worker-{i}"), "--poll",
+               str(args.poll or 2.0)]
         if gpus:
-            cmd += ["--device", gpus[i % len(gpus)]]
+            cmd += ["--device", ",".join(gpus[i * k : (i + 1) * k]) if k > 1 else gpus[i % len(gpus)]]
+        if k > 1:
+            cmd += ["--gpus-per-trial", str(k)]
         procs.append(subprocess.Popen(cmd, env=env))
+    # A spot node's shutdown SIGTERMs this process: stop the workers the same way as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(1.0)
@@ -151,21 +164,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sweep.report import print_status
+    from sweep.report import print_status, watch_status
 
-    print_status(open_experiment(args))
+    exp = open_experiment(args)
+    if not args.watch:
+        print_status(exp)
+        return 0
+    if args.interval <= 0:
+        raise UserError(f"--interval: must be > 0 seconds, got {args.interval}")
+    try:
+        watch_status(exp, interval_s=args.interval)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep.report import print_summary, write_report
+    from sweep.report import report
 
     exp = open_experiment(args)
-    print_summary(exp)
-    if args.out:
-        out = write_report(exp, Path(args.out))
-        print(f"report written to {out}")
+    report(exp, Path(args.out or Path("sweep-reports") / exp.name), ax=not args.no_ax)
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from sweep.launch import launch_command
+
+    return launch_command(args, open_experiment)
+
+
+def cmd_export_best(args: argparse.Namespace) -> int:
+    from sweep.export import export_best
+
+    dest = export_best(open_experiment(args), trial=args.trial, out=args.out)
+    print(f"exported to {dest}; load it with transformers.AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+def _check_gpus_per_trial(k: int, device: str | None) -> None:
+    if k < 1:
+        raise UserError(f"--gpus-per-trial must be >= 1, got {k}")
+    if device is not None and k > 1 and len([d for d in device.split(",") if d]) != k:
+        raise UserError(
+            f"--device {device!r} names {len([d for d in device.split(',') if d])} GPU(s) but "
+            f"--gpus-per-trial is {k}; list {k} ids, e.g. --device {','.join(map(str, range(k)))}"
+        )
 
 
 def _gpu_ids() -> list[str]:
@@ -197,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--worker-id")
     sp.add_argument("--max-trials", type=int)
     sp.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds without a claimable trial")
-    sp.add_argument("--device", help="GPU index for the trials (sets CUDA_VISIBLE_DEVICES)")
+    sp.add_argument("--device", help="GPU index for the trials (sets CUDA_VISIBLE_DEVICES); with "
+                                     "--gpus-per-trial K, K comma-separated indices")
+    sp.add_argument("--gpus-per-trial", type=int, default=1,
+                    help="K > 1: run each trial under torchrun on K GPUs with FSDP (training/distributed.py)")
     sp.add_argument("--workdir", default=".sweep-worker", help="local scratch dir for trial logs")
     sp.add_argument("--poll", type=float, help="seconds between claims while waiting")
     sp.set_defaults(func=cmd_worker)
@@ -207,18 +253,67 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--space", help="create the experiment from this YAML first (or continue it)")
     sp.add_argument("--workers", type=int, default=1)
     sp.add_argument("--workdir", default=".sweep-worker")
+    sp.add_argument("--worker-id-prefix", default="local", help="workers are named PREFIX-0, PREFIX-1, ...")
+    sp.add_argument(
+        "--gpus-per-trial",
+        type=int,
+        default=1,
+        help="K > 1: each worker gets K GPUs and runs each trial under torchrun with FSDP",
+    )
     sp.add_argument("--poll", type=float)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("status", help="trials, states, attempts, best so far")
+    sp = sub.add_parser("status", help="trials, states, attempts, best so far, time left")
     store_args(sp)
+    sp.add_argument("--watch", action="store_true", help="redraw until the sweep finishes (Ctrl-C to quit)")
+    sp.add_argument("--interval", type=float, default=5.0, help="seconds between redraws with --watch")
     sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("report", help="best configuration and trial table (and files with --out)")
+    sp = sub.add_parser("report", help="best configuration, trial table, plots, report.html, trials.csv/json")
     store_args(sp)
-    sp.add_argument("--out", help="directory for report files")
+    sp.add_argument("--out", help="directory for the report files (default ./sweep-reports/<experiment>)")
+    sp.add_argument("--no-ax", action="store_true", help="skip Ax's model analyses (no Ax import; faster)")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser(
+        "launch", help="launch N workers on spot GPUs with SkyPilot (--dryrun: print the commands)"
+    )
+    store_args(sp)
+    sp.add_argument("--workers", type=int, required=True, help="how many workers (SkyPilot managed jobs)")
+    sp.add_argument(
+        "--gpus", help="one accelerator for all, e.g. H100:1 (default: the task YAML's any_of list)"
+    )
+    sp.add_argument(
+        "--spot",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="spot (default in the YAML) or on-demand instances",
+    )
+    sp.add_argument("--yaml", help="SkyPilot task YAML (default: skypilot/worker.yaml of this checkout)")
+    sp.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward environment variable NAME as a SkyPilot secret (WANDB_API_KEY is, when set)",
+    )
+    sp.add_argument("--dryrun", action="store_true", help="validate offline and print the sky commands only")
+    sp.set_defaults(func=cmd_launch)
+
+    sp = sub.add_parser(
+        "export-best", help="export the best trial's BitNet model (transformers) to <experiment>/best"
+    )
+    store_args(sp)
+    sp.add_argument("--trial", type=int, help="export this completed trial instead of the best one")
+    sp.add_argument(
+        "--out", help="destination folder or gs:// URI (default: best/ in the experiment's folder)"
+    )
+    sp.set_defaults(func=cmd_export_best)
     return p
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, SpaceError, FileNotFoundError, ExperimentExists, ExperimentNotFound) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (StoreError, SweepError) as exc:  # SweepError: e.g. CorruptSnapshot, left unchanged
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 

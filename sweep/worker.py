@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,9 @@ class WorkerOptions:
     stop_grace_s: float = 120.0  # how long a SIGTERMed trial may take to checkpoint
     python: str = sys.executable
     log_tail_lines: int = 40
+    # > 1: each trial trains with FSDP over this many GPUs (torchrun; training/distributed.py), and
+    # ``device`` should list as many ("0,1").
+    gpus_per_trial: int = 1
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Worker:
         self._stop = threading.Event()
         self._child: subprocess.Popen | None = None
         self._signalled: subprocess.Popen | None = None  # the child already sent SIGTERM
+        self._gpu: str | None = None
         self._stopper = make_stopper(experiment)  # None unless the space enables early stopping
         self._monitor: EarlyStopMonitor | None = None  # of the running trial
 
@@ -154,8 +159,13 @@ class Worker:
         entrypoint = self.opt.entrypoint or self.exp.space.trial.entrypoint
         cmd = [self.opt.python, "-m", entrypoint, "--out", str(result_path), "--", *overrides]
         env = {**os.environ, **trial_env(getattr(self.exp, "name", ""), claim, self.id)}
+        if self.opt.gpus_per_trial > 1:
+            cmd = [*cmd[:2], *torchrun_args(self.opt.gpus_per_trial), *cmd[2:]]
+            # torchrun forwards our SIGTERM to every rank, then SIGKILLs after this many seconds.
+            env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(self.opt.stop_grace_s)))
         if self.opt.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.opt.device
+        env.update(store_env(self.exp))  # checkpoints under gs:// go to the store's endpoint
         log.info("worker %s: trial %d attempt %d: %s", self.id, claim.trial_index, claim.attempt, " ".join(overrides))
         started = time.time()
         with log_path.open("w") as log_fh:
@@ -187,7 +197,13 @@ class Worker:
             outcome = self._monitor.finalize(outcome)
             self._monitor = None
         outcome.update(worker=self.id, seconds=time.time() - started, exit_code=rc)
+        outcome.setdefault("gpu", self._gpu_name())  # with seconds: the trial's cost (docs/cloud.md)
         return redact(outcome)
+
+    def _gpu_name(self) -> str:
+        if self._gpu is None:
+            self._gpu = gpu_name(self.opt.device)
+        return self._gpu
 
     def _wait(self, child: subprocess.Popen) -> int:
         while True:
@@ -262,6 +278,40 @@ class _Heartbeat(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=30)
+
+
+def gpu_name(device: str | None = None) -> str:
+    """What the trials of this worker run on: nvidia-smi's name ("NVIDIA H100 80GB HBM3"), prefixed
+    with the count when several GPUs are visible ("8x NVIDIA H100 80GB HBM3"), or "cpu"."""
+    visible = device if device is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if shutil.which("nvidia-smi") is None or visible == "":
+        return "cpu"
+    cmd = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"] + (["-i", visible] if visible else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not names:
+        return "cpu"
+    return " + ".join(f"{names.count(k)}x {k}" if names.count(k) > 1 else k for k in sorted(set(names)))
+
+
+def store_env(exp: Any) -> dict[str, str]:
+    """Environment a trial needs to reach the store's bucket the way the worker does: with a GCS
+    store on a custom endpoint (an emulator), its URL, which training.checkpoint honours too."""
+    from sweep.store.gcs import GCSStore
+
+    store = getattr(exp, "store", None)
+    if isinstance(store, GCSStore) and store.client.endpoint_url:
+        return {"SWEEP_GCS_ENDPOINT": store.client.endpoint_url}
+    return {}
+
+
+def torchrun_args(nproc: int) -> list[str]:
+    """What goes between ``python -m`` and the trial entrypoint to run it as ``nproc`` ranks on this
+    host (``--standalone``: a private rendezvous on a free port, so several trials can share a host)."""
+    return ["torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "run_pipeline",
     "run_stage1_9",
     "run_stage2",
+    "run_stage3",
 ]
 
 
@@ -36,10 +37,16 @@ def run_stage2(cfg: DictConfig) -> StageResult:
     return _stage(result, "stage2")
 
 
+def run_stage3(cfg: DictConfig) -> StageResult:
+    """Stage 1 + Stage 3 only (from ``stage3.init_checkpoint`` if set); eval_loss is on Stage 3's
+    eval data (the task's held-out answers, or the LM eval blocks for ``stage3.data.task=lm``)."""
+    result = run_pipeline(_only(cfg, "stage3"))
+    return _stage(result, "stage3")
+
+
 def _only(cfg: DictConfig, stage: str) -> DictConfig:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-    other = "stage2" if stage == "stage1_9" else "stage1_9"
-    cfg[other].enabled = False
+    cfg.stage = stage  # the selector: Stage 1 then this stage alone (training/stages/pipeline.py)
     return cfg
 
 

@@ -68,8 +68,15 @@ _CHOICES = {
     "stage2.optimizer.schedule": ("cosine", "linear", "constant"),
     "stage1_9.saliency.schedule": ("linear", "cosine"),
     "stage2.lambda_warmup.schedule": ("linear", "cosine"),
+    "stage3.optimizer.name": ("adamw", "muon", "muonclip", "apollo"),
+    "stage3.optimizer.schedule": ("cosine", "linear", "constant"),
+    "stage3.data.task": ("lm", "classification", "summarization"),
+    "stage": ("pipeline", "stage1_9", "stage2", "stage3"),
     "run.compile_mode": ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
     "run.wandb.mode": ("auto", "offline", "online", "disabled"),
+    "run.distributed": ("auto", "none", "fsdp"),
+    "model.fp8": ("off", "auto", "on"),
+    "model.fp8_out_dtype": ("bfloat16", "float32"),
 }
 
 
@@ -79,7 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}, allowed: {', '.join(map(str, allowed))}")
-    for stage in ("stage1_9", "stage2"):
+    for stage in ("stage1_9", "stage2", "stage3"):
         s = cfg[stage]
         for key in ("max_steps", "batch_size", "grad_accum"):
             if s[key] < (0 if key == "max_steps" else 1):
@@ -99,10 +106,49 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("data.path: required for data.source=files (a glob such as 'corpus/*.jsonl')")
     if cfg.data.source == "hf" and not cfg.data.hf_name:
         raise ConfigError("data.hf_name: required for data.source=hf (e.g. HuggingFaceFW/fineweb-edu)")
-    if cfg.run.compile_mode in ("reduce-overhead", "max-autotune"):
-        # The notebook saw CUDA-graph modes fail with transformers ("accessing tensor output of
-        # CUDAGraphs that has been overwritten"); refuse them rather than crash mid-trial.
+    _validate_stage3(cfg.stage3)
+    _validate_distributed(cfg)
+    if str(cfg.run.compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"run.compile: got {cfg.run.compile!r}, allowed: auto, true, false")
+    mode = cfg.run.compile_mode
+    # The notebook's A10G runs (Dec 24) saw CUDA-graph modes fail with transformers ("accessing tensor
+    # output of CUDAGraphs that has been overwritten by a subsequent run", from the lm_head slicing);
+    # refuse them rather than crash mid-trial. max-autotune + gradient checkpointing trained there
+    # (1.17x); reduce-overhead failed even with gradient checkpointing, so it is never allowed.
+    if mode == "reduce-overhead":
         raise ConfigError(
-            f"run.compile_mode: {cfg.run.compile_mode!r} uses CUDA graphs, which fail with transformers' "
-            "dynamic lm_head slicing; use 'default' or 'max-autotune-no-cudagraphs'"
+            "run.compile_mode: 'reduce-overhead' uses CUDA graphs, which fail with transformers' dynamic "
+            "lm_head slicing (even with gradient checkpointing); use 'default' or 'max-autotune-no-cudagraphs'"
         )
+    if mode == "max-autotune" and not cfg.run.gradient_checkpointing:
+        raise ConfigError(
+            "run.compile_mode: 'max-autotune' uses CUDA graphs, which fail with transformers unless "
+            "run.gradient_checkpointing=true; set that, or use 'default' or 'max-autotune-no-cudagraphs'"
+        )
+
+
+def _validate_stage3(s3: DictConfig) -> None:
+    loss = s3.loss
+    if not loss.temperature > 0:
+        raise ConfigError(f"stage3.loss.temperature: must be > 0, got {loss.temperature}")
+    for key in ("logits_weight", "attention_weight"):
+        if not loss[key] >= 0:
+            raise ConfigError(f"stage3.loss.{key}: must be >= 0, got {loss[key]}")
+    if loss.relation_heads < 0:
+        raise ConfigError(
+            f"stage3.loss.relation_heads: must be >= 0 (0: the model's heads), got {loss.relation_heads}"
+        )
+    if s3.data.eval_examples < 1:
+        raise ConfigError(f"stage3.data.eval_examples: must be >= 1, got {s3.data.eval_examples}")
+    if s3.data.task != "lm" and "{input}" not in s3.data.prompt:
+        raise ConfigError(f"stage3.data.prompt: {s3.data.prompt!r} needs an {{input}} placeholder")
+
+
+def _validate_distributed(cfg: DictConfig) -> None:
+    """Launch-dependent checks (torchrun's WORLD_SIZE): batch divisibility, supported optimizers."""
+    from training.distributed import validate_distributed_config
+
+    try:
+        validate_distributed_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -6,6 +6,9 @@ The sweep worker starts this as a subprocess (isolation from OOM, CUDA faults an
 checkpoints after the current optimizer step and writes ``status: preempted``; a later run with the
 same ``run.checkpoint_dir`` resumes from there. Exit code: 0 for a result (completed, diverged or
 preempted), 2 for a bad config, 1 for a crash (the JSON then holds the error).
+
+Several GPUs: ``python -m torch.distributed.run --standalone --nproc-per-node K -m training.run_trial
+...`` trains with FSDP2 (training/distributed.py); only rank 0 writes the result JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from training.api import ConfigError, compose_config, run_pipeline
+from training.distributed import rank_from_env, teardown_distributed
 from training.runtime import STOP
 
 
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         raise
+    teardown_distributed()  # not after a crash: torchrun ends the other ranks, which may sit in a collective
     payload = result.to_dict()
     payload["overrides"] = overrides
     _write(out, payload)
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(path: Path, payload: dict) -> None:
+    if rank_from_env() != 0:
+        return  # under torchrun only rank 0 writes the result (every rank computes the same one)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=float))
     tmp.replace(path)

@@ -122,8 +122,12 @@ def _start_wandb(cfg: Any, run_config: dict, out_dir: str | Path | None):
             reinit="finish_previous",
         )
     except Exception as exc:  # noqa: BLE001 -- tracking must never cost a training run
-        log.warning("W&B run could not start (%s mode): %s: %s; training continues without W&B",
-                    mode, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning(
+            "W&B run could not start (%s mode): %s: %s; training continues without W&B",
+            mode,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return None
     log.info("W&B run %s (%s mode, project=%s, group=%s)", run.id, mode, cfg.project, cfg.group)
     return run

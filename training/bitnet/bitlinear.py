@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from .fp8 import fp8_bitlinear
 from .functional import bitlinear_forward, quantized_weight
 from .schedule import LambdaController
 
@@ -47,6 +48,8 @@ class BitLinear(nn.Linear):
         self.lambda_ctrl = lambda_ctrl
         self.quantize_activations = bool(quantize_activations)
         self.eps = float(eps)
+        # Output dtype of the FP8 forward GEMM when enabled (training.bitnet.fp8.configure_fp8), else None.
+        self.fp8_out_dtype: torch.dtype | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> BitLinear:
@@ -94,14 +97,18 @@ class BitLinear(nn.Linear):
         return quantized_weight(self.weight, lam=self.lam, eps=self.eps, protected=self.protected_columns())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lam, protected = self.lam, self.protected_columns()
+        if self.fp8_out_dtype is not None and lam == 1.0 and self.quantize_activations and protected is None:
+            # Both operands are on grids (int8 codes, ternary codes): the e4m3 GEMM path of fp8.py.
+            return fp8_bitlinear(x, self.weight, self.bias, eps=self.eps, out_dtype=self.fp8_out_dtype)
         return bitlinear_forward(
             x,
             self.weight,
             self.bias,
-            lam=self.lam,
+            lam=lam,
             quantize_activations=self.quantize_activations,
             eps=self.eps,
-            protected=self.protected_columns(),
+            protected=protected,
         )
 
     def extra_repr(self) -> str:

@@ -36,7 +36,9 @@ def _check_fraction(name: str, value: float) -> float:
 
 def column_saliency(weight: torch.Tensor) -> torch.Tensor:
     """L-infinity norm of each input column: ``max |W|`` over the output dimension, in float32."""
-    return weight.detach().abs().amax(dim=0).float()
+    saliency = weight.detach().abs().amax(dim=0).float()
+    # An FSDP2 weight is row-sharded (DTensor): full_tensor() takes the max over the ranks' rows.
+    return saliency.full_tensor() if hasattr(saliency, "full_tensor") else saliency
 
 
 class SaliencyBitLinear(BitLinear):

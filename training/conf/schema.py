@@ -45,6 +45,10 @@ class ModelConfig:
     tiny: TinyConfig = field(default_factory=TinyConfig)
     # BitLinear activation quantisation (per-token absmax int8); off = weight-only ternary.
     quantize_activations: bool = True
+    # FP8 (e4m3) GEMM for BitLinear's forward at lambda = 1 (training/bitnet/fp8.py): off | auto (on
+    # where CUDA compute capability >= 9.0, else one log line) | on (error where unsupported).
+    fp8: str = "off"
+    fp8_out_dtype: str = "bfloat16"  # bfloat16 | float32: the FP8 GEMM's output
 
 
 @dataclass
@@ -115,6 +119,9 @@ class StageConfig:
     grad_clip: float = 1.0
     eval_every: int = 0  # 0: evaluate only at the end
     log_every: int = 10
+    # Search the largest micro-batch that fits in memory, keeping batch_size * grad_accum as the
+    # effective batch (training/batch_size.py); batch_size is then the search's starting point.
+    auto_batch_size: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
@@ -127,6 +134,42 @@ class Stage19Config(StageConfig):
 @dataclass
 class Stage2Config(StageConfig):
     lambda_warmup: LambdaWarmupConfig = field(default_factory=LambdaWarmupConfig)
+
+
+@dataclass
+class Stage3LossConfig:
+    """BitDistill Eq. 13: CE + logits_weight * KD_T + attention_weight * attention distillation."""
+
+    logits_weight: float = 10.0  # lambda
+    temperature: float = 5.0
+    # T^2 on the KD term (Hinton et al.; common in public KD code) or not (the paper's Eq. 12).
+    kd_scale_by_t2: bool = False
+    attention_weight: float = 1.0  # gamma
+    use_relation_distill: bool = True  # false: MiniLM attention maps + value relations instead
+    distill_layer: int = -1  # one attention layer; negative counts from the last
+    relation_heads: int = 0  # 0: the model's number of attention heads
+
+
+@dataclass
+class TaskDataConfig:
+    task: str = "lm"  # lm (the data group's text) | classification | summarization
+    path: str | None = None  # jsonl of labelled examples; null: built-in examples (training/data/tasks.py)
+    input_field: str | None = None  # null: text (classification) / document (summarization)
+    target_field: str | None = None  # null: label / summary
+    prompt: str = "{input}\nAnswer:"
+    eval_examples: int = 32
+
+
+@dataclass
+class Stage3Config(StageConfig):
+    enabled: bool = False  # run after Stage 2 in run.stage=pipeline
+    # A checkpoint with a "model" state dict of the converted student (e.g. a pipeline's final.pt)
+    # to start from; null: the student as the preceding stages (or Stage 1 alone) left it.
+    init_checkpoint: str | None = None
+    # Hub id or directory of the FP teacher (the paper uses one fine-tuned on the task); null: model's.
+    teacher: str | None = None
+    loss: Stage3LossConfig = field(default_factory=Stage3LossConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
 
 
 @dataclass
@@ -145,8 +188,15 @@ class WandbConfig:
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compile: bool = False
+    # torch.compile the student: auto = on for CUDA, off on CPU (compile minutes dwarf tiny runs);
+    # also true / false. CUDA-graph modes need gradient_checkpointing (training/config.py says why).
+    compile: str = "auto"
     compile_mode: str = "default"
+    # HF gradient checkpointing (non-reentrant) on the student: less activation memory, ~20% slower.
+    gradient_checkpointing: bool = False
+    # Several processes: auto = FSDP2 when launched by torchrun (WORLD_SIZE > 1) | fsdp | none
+    # (training/distributed.py).
+    distributed: str = "auto"
     out_dir: str = "runs/default"
     # Checkpoints at stage boundaries always; also every N stage-2 steps when N > 0.
     checkpoint_every: int = 0
@@ -167,6 +217,10 @@ class RootConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stage1_9: Stage19Config = field(default_factory=Stage19Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    # pipeline: Stage 1, then every enabled stage of 1.9 -> 2 -> 3; stage1_9 | stage2 | stage3: Stage 1
+    # then that stage only (whatever its enabled flag; see training/stages/pipeline.py).
+    stage: str = "pipeline"
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .muon_gathered import GatheredMuon, is_dtensor
 from .param_split import decay_groups
 from .spec import MUON_ADJUST_LR_FN
 
@@ -41,7 +42,9 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(
                 "muon: the model has no 2-D weights inside repeated blocks to give Muon; use 'adamw'"
             )
-        self._muon = torch.optim.Muon(
+        # Under FSDP2 the matrices are DTensor shards; GatheredMuon runs Newton-Schulz on the full matrix.
+        muon_cls = GatheredMuon if any(is_dtensor(p) for p in muon_params) else torch.optim.Muon
+        self._muon = muon_cls(
             [{"params": muon_params, "part": "muon"}],
             lr=lr,
             weight_decay=weight_decay,

@@ -51,6 +51,7 @@ class DataBundle:
     stage1_9: Any  # a loader with next_batch()/state_dict()/load_state_dict()
     stage2: Any
     eval: list[dict[str, torch.Tensor]]
+    stage3: Any = None  # Stage 3's loader when it trains on the LM text (stage3.data.task=lm)
 
 
 def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
@@ -66,13 +67,15 @@ def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
         # Each loader gets a factory, so a finite stream starts another pass instead of running dry.
         s19 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks)
         s2 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks)
-        return DataBundle(s19, s2, eval_batches(s19.take_eval_blocks(d.eval_blocks), d.eval_batch_size))
+        s3 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage3.batch_size, skip_blocks=d.eval_blocks)
+        return DataBundle(s19, s2, eval_batches(s19.take_eval_blocks(d.eval_blocks), d.eval_batch_size), s3)
     blocks = build_blocks(texts(), tokenizer, d.seq_len)
     train, held_out = split_train_eval(blocks, eval_blocks=d.eval_blocks, seed=d.seed)
     return DataBundle(
         stage1_9=BlockLoader(train, cfg.stage1_9.batch_size, seed=d.seed + 1),
         stage2=BlockLoader(train, cfg.stage2.batch_size, seed=d.seed + 2),
         eval=eval_batches(held_out, d.eval_batch_size),
+        stage3=BlockLoader(train, cfg.stage3.batch_size, seed=d.seed + 3),
     )
 
 
@@ -140,8 +143,46 @@ def optimizer_for(stage_cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.
     return optimizer, build_scheduler(optimizer, spec, max(stage_cfg.max_steps, 1))
 
 
-def maybe_compile(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """torch.compile the forward when asked; state dicts are always taken from the eager module."""
-    if not cfg.run.compile:
+def compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
+    """``run.compile``: true / false, or auto = on for CUDA (notebook: 1.38x on an A10G, 2.9x on an
+    A40), off elsewhere (on CPU the compile takes longer than a tiny run; see docs/benchmarks.md)."""
+    value = str(cfg.run.compile).lower()
+    return device.type == "cuda" if value == "auto" else value == "true"
+
+
+def enable_gradient_checkpointing(model: nn.Module, cfg: DictConfig) -> None:
+    """``run.gradient_checkpointing``: HF activation checkpointing of every decoder layer, non-reentrant
+    (the reentrant form would run hooked q/k/v projections without autograd and break Stage 3)."""
+    if cfg.run.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class SteadyForward:
+    """Calls the compiled forward while ``steady()`` holds and the eager module otherwise.
+
+    BitLinear reads lambda (and SaliencyBitLinear its protected-column count) as Python numbers, so
+    dynamo guards a compiled graph on their values: each new value of the lambda warmup or of the
+    saliency anneal is a recompile, and after ``recompile_limit`` (8) dynamo runs the frame eagerly for
+    the rest of the run (docs/benchmarks.md, "torch.compile during the lambda warmup"). Running eager
+    while they move keeps compilation to the steady values (lambda = 1, no saliency).
+    """
+
+    def __init__(self, compiled: nn.Module, eager: nn.Module, steady: Any) -> None:
+        self.compiled, self.eager, self.steady = compiled, eager, steady
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.compiled if self.steady() else self.eager)(*args, **kwargs)
+
+
+def steady_forward(fwd: nn.Module, model: nn.Module, steady: Any) -> Any:
+    """``fwd`` itself when it is the eager model (compile off), else a ``SteadyForward``."""
+    return fwd if fwd is model else SteadyForward(fwd, model, steady)
+
+
+def maybe_compile(model: nn.Module, cfg: DictConfig, device: torch.device | None = None) -> nn.Module:
+    """torch.compile the forward when enabled; state dicts are always taken from the eager module."""
+    if device is None:
+        device = next(model.parameters()).device
+    if not compile_enabled(cfg, device):
         return model
     return torch.compile(model, mode=cfg.run.compile_mode)

@@ -20,6 +20,15 @@ import torch
 from torch import nn
 
 from training.checkpoint import CheckpointManager
+from training.distributed import (
+    DistContext,
+    clip_grad_norm_,
+    current,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    optimizer_state_dict,
+)
 from training.runtime import STOP, rng_state, set_rng_state
 from training.tracking import MetricsLogger
 
@@ -69,6 +78,7 @@ class Trainer:
         checkpoints: CheckpointManager | None = None,
         checkpoint_extra: Callable[[], dict] | None = None,
         global_step_offset: int = 0,
+        dist: DistContext | None = None,
     ) -> None:
         self.spec, self.model, self.optimizer, self.scheduler = spec, model, optimizer, scheduler
         self.loader, self.loss_fn, self.device = loader, loss_fn, device
@@ -78,6 +88,8 @@ class Trainer:
         self.checkpoints = checkpoints
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         self.offset = global_step_offset
+        # Several processes (FSDP): batch slicing, loss averaging and the stop vote; else identities.
+        self.dist = dist or current()
         self.step = 0
         self.result = LoopResult(status="running", steps=0)
 
@@ -86,8 +98,9 @@ class Trainer:
         return {
             "stage": self.spec.stage,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # Gathered from the shards under FSDP (a collective: every rank saves, rank 0 writes).
+            "model": model_state_dict(self.model),
+            "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "loader": self.loader.state_dict(),
@@ -99,8 +112,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["stage"] != self.spec.stage:
             raise ValueError(f"checkpoint is for stage {state['stage']!r}, not {self.spec.stage!r}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model_state_dict(self.model, state["model"])
+        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         for k, v in self.stateful.items():
@@ -126,16 +139,18 @@ class Trainer:
             self.model.train()
             step_loss, parts = 0.0, {}
             for _ in range(spec.grad_accum):
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next_batch().items()}
+                local = self.dist.local_batch(self.loader.next_batch())  # this rank's rows of the batch
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
                 loss, metrics = self.loss_fn(batch)
                 (loss / spec.grad_accum).backward()
                 step_loss += loss.detach().float().item() / spec.grad_accum
                 for k, v in metrics.items():
                     parts[k] = parts.get(k, 0.0) + float(v) / spec.grad_accum
-                tokens = int(batch["input_ids"].numel())
+                tokens = int(batch["input_ids"].numel()) * self.dist.world_size
                 res.tokens += tokens
                 tok_window += tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(
+            step_loss, parts = self.dist.mean_step(step_loss, parts)
+            grad_norm = clip_grad_norm_(
                 self.model.parameters(), spec.grad_clip if spec.grad_clip > 0 else float("inf")
             )
             if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
@@ -181,7 +196,7 @@ class Trainer:
                 and self.step < spec.max_steps
             ):
                 self.save(f"{spec.stage}-step{self.step}")
-            if STOP.requested:
+            if self.dist.any(STOP.requested):
                 res.status = "preempted"
                 res.reason = f"{STOP.signal_name} at {spec.stage} step {self.step}"
                 self.save(f"{spec.stage}-step{self.step}")
