@@ -20,7 +20,11 @@ reads their progress.jsonl once.
 
 When Ax says stop, the worker SIGTERMs the trial (it checkpoints after its current step and
 exits) and reports ``status: early_stopped`` with the last stage-2 loss (see
-:meth:`EarlyStopMonitor.finalize`); the next claim ingests it as Ax's EARLY_STOPPED.
+:meth:`EarlyStopMonitor.finalize`); the next claim ingests it as Ax's EARLY_STOPPED. What Ax
+records as the stopped trial's objective is that loss moved onto the objective's scale: plus the
+median, over completed trials, of (objective - their stage-2 loss at the same step). A training
+loss is not a held-out loss at lambda = 1; taken as one it can look better than every completed
+trial and would pull BoTorch towards the configurations it just stopped.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,12 +50,18 @@ CURVE_METRIC = "stage2_loss"
 # every step of a long run, and keep the decision fast at hundreds of trials.
 MAX_POINTS = 256
 SNAPSHOT_KEY = "experiment.json"
+RECENT = 10  # stage-2 losses behind the standard error reported with an early-stopped trial
 
 
 @dataclass(frozen=True)
 class Decision:
     stop: bool
     reason: str
+    # When stopping: objective - stage-2 loss at the stopping step, as the completed trials had it
+    # (median, and its spread across them), to put the stopped trial's last loss on the
+    # objective's scale. None when no completed trial gives one.
+    offset: float | None = None
+    offset_sd: float = 0.0
 
 
 def stage_curve(records: Iterable[Mapping[str, Any]], stage: str = STAGE) -> list[tuple[int, float]]:
@@ -94,6 +106,9 @@ class EarlyStopper:
         self.settings = settings
         self._final_curves: dict[int, list[tuple[int, float]]] = {}
         self._lock = threading.Lock()
+        # Whether completed trials report the objective's standard error (seen at the last decision).
+        self.sem_known = True
+        self._ledger: Ledger | None = None  # as read by the last decision
 
     def decide(self, trial_index: int) -> Decision:
         with self._lock:
@@ -105,9 +120,15 @@ class EarlyStopper:
         if got is None:
             return Decision(False, "experiment.json is missing")
         ledger = Ledger.from_snapshot(json.loads(got[0]))
+        self._ledger = ledger
+        sem_key = f"{self.exp.space.objective.metric}_sem"
+        sems = [t.metrics.get(sem_key) for t in ledger.trials.values() if t.state == COMPLETED]
+        self.sem_known = not sems or any(_finite(v) for v in sems)
         done = ledger.count(COMPLETED)
         if done < es.min_curves:
-            return Decision(False, f"{done} completed trial(s), early stopping needs min_curves={es.min_curves}")
+            return Decision(
+                False, f"{done} completed trial(s), early stopping needs min_curves={es.min_curves}"
+            )
         own = ledger.trials.get(trial_index)
         if own is None or own.state != RUNNING:
             return Decision(False, f"trial {trial_index} is not running in the ledger")
@@ -137,7 +158,11 @@ class EarlyStopper:
         rows = []
         for index, trial in experiment.trials.items():
             record = ledger.trials.get(index)
-            if trial.status not in wanted or record is None or record.state not in (RUNNING, COMPLETED, EARLY_STOPPED):
+            if (
+                trial.status not in wanted
+                or record is None
+                or record.state not in (RUNNING, COMPLETED, EARLY_STOPPED)
+            ):
                 continue
             arm = trial.arm.name  # type: ignore[attr-defined]
             for step, loss in self._curve(index, ledger):
@@ -155,8 +180,37 @@ class EarlyStopper:
         stop = strategy.should_stop_trials_early(trial_indices={trial_index}, experiment=experiment)
         if trial_index in stop:
             why = (stop[trial_index] or "").splitlines()[0].strip()
-            return Decision(True, why or f"worse than the {es.percentile:g}th percentile")
+            step = self._curve(trial_index, ledger)[-1][0]
+            offset, spread = self._offset(step, ledger)
+            return Decision(True, why or f"worse than the {es.percentile:g}th percentile", offset, spread)
         return Decision(False, "not in the worst percentile")
+
+    def offset(self, step: int) -> tuple[float | None, float]:
+        """:meth:`_offset` at ``step`` with the ledger of the last decision (the trial ran on a little)."""
+        with self._lock:
+            if self._ledger is None:
+                return None, 0.0
+            return self._offset(step, self._ledger)
+
+    def _offset(self, step: int, ledger: Ledger) -> tuple[float | None, float]:
+        """Median and spread of (objective - stage-2 loss at ``step``) over the completed trials.
+
+        Training losses and the held-out objective live on different scales (a stage-2 loss can sit
+        below every final eval loss); Ax must not see a stopped trial's training loss as if it were
+        the objective, or the stopped configuration would look like the best one.
+        """
+        metric = self.exp.space.objective.metric
+        deltas = []
+        for index, record in ledger.trials.items():
+            value = record.metrics.get(metric)
+            if record.state != COMPLETED or not _finite(value):
+                continue
+            before = [loss for s, loss in self._curve(index, ledger) if s <= step]
+            if before:
+                deltas.append(float(value) - before[-1])
+        if not deltas:
+            return None, 0.0
+        return statistics.median(deltas), statistics.stdev(deltas) if len(deltas) > 1 else 0.0
 
 
 class EarlyStopMonitor:
@@ -182,17 +236,24 @@ class EarlyStopMonitor:
         self.metric, self.minimize = metric, minimize
         self.last: tuple[int, float] | None = None  # last stage-2 (step, loss) seen
         self.stopped: tuple[int, float, str] | None = None  # (step, loss, reason) when stopped
+        self.decision: Decision | None = None  # Ax's "stop", with the objective offset
         self.stopped_at: float | None = None  # time.monotonic() of the stop
         self._checked_step = -1
+        self.ended = False
+        self._recent: deque[float] = deque(maxlen=RECENT)  # last stage-2 losses, for the SE
 
     def observe(self, records: Iterable[Mapping[str, Any]]) -> None:
+        records = list(records)
         curve = stage_curve(records)
         if curve:
             self.last = curve[-1]
+            self._recent.extend(loss for _, loss in curve)
+        if any(r.get("stage") == "pipeline" and r.get("event") for r in records):
+            self.ended = True  # the trial has its outcome: nothing left to stop
 
     def check(self) -> bool:
         """Ask Ax if there is a new stage-2 step past min_progression; True once it says stop."""
-        if self.stopped is not None or self.last is None:
+        if self.stopped is not None or self.last is None or self.ended:
             return self.stopped is not None
         step, loss = self.last
         if step <= self._checked_step or step < self.stopper.settings.min_progression:
@@ -201,19 +262,37 @@ class EarlyStopMonitor:
         try:
             decision = self.stopper.decide(self.trial_index)
         except Exception as exc:  # noqa: BLE001 -- a failed decision must never end the trial
-            log.warning("early stopping check for trial %d failed (it keeps running): %s", self.trial_index, exc)
+            log.warning(
+                "early stopping check for trial %d failed (it keeps running): %s", self.trial_index, exc
+            )
             return False
-        log.info(
-            "trial %d at %s step %d (loss %.4f): %s", self.trial_index, STAGE, step, loss,
+        log.log(
+            logging.INFO if decision.stop else logging.DEBUG,
+            "trial %d at %s step %d (loss %.4f): %s (%s)",
+            self.trial_index,
+            STAGE,
+            step,
+            loss,
             "stop" if decision.stop else "continue",
+            decision.reason.splitlines()[0] if decision.reason else "",
         )
         if not decision.stop:
             return False
         self.stopped = (step, loss, decision.reason)
+        self.decision = decision
         self.stopped_at = time.monotonic()
-        log.warning("trial %d: early-stopped by Ax at %s step %d: %s", self.trial_index, STAGE, step, decision.reason)
+        log.warning(
+            "trial %d: early-stopped by Ax at %s step %d: %s", self.trial_index, STAGE, step, decision.reason
+        )
         self.stop_trial()
         return True
+
+    def recent_sem(self) -> float:
+        """Standard error of the last RECENT stage-2 losses (0 with fewer than two)."""
+        values = list(self._recent)
+        if len(values) < 2:
+            return 0.0
+        return statistics.stdev(values) / math.sqrt(len(values))
 
     def finalize(self, outcome: dict[str, Any]) -> dict[str, Any]:
         """The result to report: ``early_stopped`` with the last loss if this monitor stopped the trial.
@@ -226,12 +305,26 @@ class EarlyStopMonitor:
         if self.last is not None and self.last[0] >= step:
             step, loss = self.last  # the trial ran on to finish its current step
         metrics: dict[str, Any] = {"last_loss": loss, "stopped_at_step": step}
-        if self.minimize:
-            # The sweep minimises a loss: the last stage-2 loss is what Ax records for the stopped
-            # trial (a pessimistic value, as the curve was still falling).
-            metrics[self.metric] = loss
+        offset = self.decision.offset if self.decision is not None else None
+        spread = self.decision.offset_sd if self.decision is not None else 0.0
+        if hasattr(self.stopper, "offset") and step != self.stopped[0]:
+            at_end = self.stopper.offset(step)  # at the step the trial really ended on
+            if at_end[0] is not None:
+                offset, spread = at_end
+        if self.minimize and offset is not None:
+            # What Ax records for the stopped trial: its last stage-2 loss moved onto the objective's
+            # scale by the completed trials' median (objective - loss at this step); pessimistic, as
+            # the curve was still falling. Its standard error combines the noise of the last losses
+            # with the spread of that offset, and is given only when the completed trials report
+            # one: BoTorch's model refuses a mix of trials with and without (NaN noise).
+            metrics[self.metric] = loss + offset
+            metrics["objective_offset"] = offset
+            if getattr(self.stopper, "sem_known", True):
+                metrics[f"{self.metric}_sem"] = math.hypot(self.recent_sem(), spread)
         return {
-            **{k: v for k, v in outcome.items() if k not in ("status", "reason", "metrics", "infrastructure")},
+            **{
+                k: v for k, v in outcome.items() if k not in ("status", "reason", "metrics", "infrastructure")
+            },
             "status": "early_stopped",
             "reason": f"early-stopped at {STAGE} step {step} (loss {loss:.4f}): {reason}",
             "metrics": metrics,
@@ -239,6 +332,10 @@ class EarlyStopMonitor:
             "stopped_at_step": step,
             "last_loss": loss,
         }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def make_stopper(experiment: Any) -> EarlyStopper | None:

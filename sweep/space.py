@@ -9,7 +9,7 @@ field, e.g. ``parameters.stage2_lr.low: must be > 0 for log scale, got 0``::
     name: stage19_stage2                # [a-z0-9_-]+, the experiment folder name
     description: ...
     objective: {metric: final_eval_loss, goal: minimize}
-    budget: {trials: 30, sobol_trials: 12, seed: 0}
+    budget: {trials: 30, sobol_trials: 12, seed: 0}   # sobol_trials optional, see default_sobol_trials
     base_overrides: [model=smollm2_135m, data=fineweb]
     parameters:
       stage2_lr: {type: float, low: 1.0e-3, high: 8.0e-3, log: true, override: stage2.optimizer.lr}
@@ -26,9 +26,12 @@ Conditional parameters use Ax's hierarchical search space
 (children always sampled, dropped afterwards) by experiment on Ax 1.3.1 /
 BoTorch 0.18.1 with this file's parameter shape: Sobol and BoTorch (the "MBM"
 node) both generate with trials still RUNNING, the JSON snapshot round-trips,
-and a child is simply absent from a parameterization whose parent disables it,
-so the model never sees meaningless values of inactive children and no budget
-is spent telling apart configurations that run identically. Every
+and a child is simply absent from a parameterization whose parent disables it.
+(The model does still see a value for it: Ax's ``Cast`` transform refills an
+inactive child from the arm's full parameterization, i.e. whatever the
+generator drew. Imputing the middle of the child's domain instead, a constant,
+was measured worse on the stage19_stage2 shape by scripts/bench_search.py:
+median regret 0.032 vs 0.003 at 30 trials over seeds 0-4, see docs/benchmarks.md.) Every
 parameterization still goes through :meth:`SearchSpace.active_parameters`, so
 an inactive child can never reach a trial's overrides whatever produced it.
 
@@ -108,6 +111,19 @@ class Budget:
     trials: int
     sobol_trials: int
     seed: int | None = 0
+
+
+def default_sobol_trials(trials: int, searched: int) -> int:
+    """Sobol trials before BoTorch when the space leaves ``budget.sobol_trials`` out.
+
+    One more than the number of searched parameters, at least 5 (Ax's own default), and never
+    more than half the budget. Measured with scripts/bench_search.py (docs/benchmarks.md): on
+    Hartmann6 and on the stage19_stage2 space, 30 trials of which 7 Sobol left a lower median
+    regret than 12 Sobol, because every Sobol trial past the first few is a trial BoTorch does not
+    get to aim. The count does not depend on the budget once ``trials >= 2 * (searched + 1)``, so
+    a longer sweep starts exactly like a shorter one.
+    """
+    return max(1, min(max(5, searched + 1), trials // 2))
 
 
 @dataclass(frozen=True)
@@ -441,6 +457,9 @@ def _parse(raw: Any) -> SearchSpace:
     budget = _budget(top["budget"])
     base = _base_overrides(top.get("base_overrides", []))
     parameters = _parameters(top["parameters"], base)
+    if budget.sobol_trials == 0:  # left out: the default for this budget and this many parameters
+        searched = sum(p.type != "fixed" for p in parameters)
+        budget = Budget(budget.trials, default_sobol_trials(budget.trials, searched), budget.seed)
     trial = _trial(top.get("trial", {}))
     early = top.get("early_stopping")
     raw_tracking = top.get("tracking")
@@ -471,11 +490,13 @@ def _objective(raw: Any) -> Objective:
 
 
 def _budget(raw: Any) -> Budget:
-    f = _fields(
-        raw, "budget", required=("trials", "sobol_trials"), allowed=("trials", "sobol_trials", "seed")
-    )
+    """The budget; ``sobol_trials`` 0 when left out (``_parse`` fills in the default)."""
+    f = _fields(raw, "budget", required=("trials",), allowed=("trials", "sobol_trials", "seed"))
     trials = _int(f["trials"], "budget.trials", minimum=1)
-    sobol = _int(f["sobol_trials"], "budget.sobol_trials", minimum=1)
+    if f.get("sobol_trials") is None:
+        sobol = 0
+    else:
+        sobol = _int(f["sobol_trials"], "budget.sobol_trials", minimum=1)
     if sobol > trials:
         raise SpaceError(f"budget.sobol_trials: must be <= budget.trials ({trials}), got {sobol}")
     seed = f.get("seed", 0)

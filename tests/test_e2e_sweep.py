@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_tiny_sweep_with_the_real_pipeline(tmp_path, tiny_overrides):
         "trial": {"max_attempts": 2, "heartbeat_s": 5, "grace_s": 120},
     }
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(yaml.safe_dump(space))
+    space_file.write_text(yaml.safe_dump(space, sort_keys=False))
     store = tmp_path / "store"
     sweep = [sys.executable, "-m", "sweep.cli"]
     subprocess.run([*sweep, "init", "--space", str(space_file), "--store", str(store)], check=True, timeout=120)
@@ -49,4 +50,15 @@ def test_tiny_sweep_with_the_real_pipeline(tmp_path, tiny_overrides):
     losses = [float(r["final_eval_loss"]) for r in rows]
     best = json.loads((tmp_path / "rep" / "best.json").read_text())
     assert best["loss"] == pytest.approx(min(losses))
-    assert best["command"].startswith("python scripts/train.py model=tiny")
+    assert best["command"].startswith("python scripts/train.py model.tiny.vocab_size=512 ")
+    assert f"stage2.optimizer.lr={best['params']['stage2_lr']!r}" in best["command"]
+    # The report page and its plots, referencing nothing but files beside it.
+    rep = tmp_path / "rep"
+    for name in ("report.html", "best_so_far.png", "loss_vs_parameters.png", "curves_stage1_9.png",
+                 "curves_stage2.png"):
+        assert (rep / name).is_file(), name
+    page = (rep / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert "curves_stage2.png" in refs and "trials.csv" in refs
+    for ref in refs:
+        assert "://" not in ref and not ref.startswith("/") and (rep / ref).is_file(), ref
