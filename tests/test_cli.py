@@ -65,13 +65,12 @@ def one_line_error(done: Done, rc: int = 2) -> str:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Done]]:
     """`sweep run --space ... --workers 2` to the end: (store root, its output)."""
     tmp = tmp_path_factory.mktemp("cli")
-    (tmp / "space.yaml").write_text(branin_space("clirun", trials=TRIALS, sobol=4, steps=2, step_s=0.05))
+    (tmp / "space.yaml").write_text(branin_space("clirun", trials=TRIALS, sobol=TRIALS, steps=2, step_s=0.05))
     done = sweep("run", "--space", "space.yaml", "--store", "sweeps", "--workers", "2", "--poll", "0.3",
                  "--workdir", "scratch", cwd=tmp, timeout_s=180)  # fmt: skip
     yield tmp / "sweeps", done
 
 
-@pytest.mark.slow
 def test_run_two_workers_prints_best_configuration(finished: tuple[Path, Done]) -> None:
     root, done = finished
     assert done.rc == 0, (done.out, done.err)
@@ -85,24 +84,26 @@ def test_run_two_workers_prints_best_configuration(finished: tuple[Path, Done]) 
     assert m, done.out
     assert int(m.group(1)) == best.index
     assert float(m.group(3)) == pytest.approx(best.metrics["final_eval_loss"], abs=1e-4)
-    assert f"x1 = {best.params['x1']}" in done.out and "reproduce: python scripts/train.py" in done.out
+    assert f"x1 = {best.params['x1']}" in done.out and "reproduce: " in done.out
 
 
-@pytest.mark.slow
 def test_status_and_report_find_the_experiment(finished: tuple[Path, Done], tmp_path: Path) -> None:
     root, _ = finished
+
+    def shows_the_sweep(done: Done) -> None:
+        assert done.rc == 0 and not done.err.strip(), done.err
+        assert "clirun" in done.out and done.out.count("completed") >= TRIALS, done.out  # one row per trial
+
     # --store naming the experiment's folder, or the root holding just that one experiment.
     for store in (str(root / "clirun"), str(root), f"file://{root}"):
-        done = sweep("status", "--store", store, cwd=tmp_path)
-        assert done.rc == 0, done.err
-        assert f"clirun: {TRIALS}/{TRIALS} trials created; completed {TRIALS}" in done.out
+        shows_the_sweep(sweep("status", "--store", store, cwd=tmp_path))
+    # A relative path from inside the experiment's folder.
+    shows_the_sweep(sweep("status", "--store", ".", cwd=root / "clirun"))
     # $SWEEP_STORE instead of --store.
     env = {**subprocess_env(), "SWEEP_STORE": str(root)}
-    done = sweep("status", cwd=tmp_path, env=env)
-    assert done.rc == 0 and f"{TRIALS}/{TRIALS} trials created" in done.out, done.err
+    shows_the_sweep(sweep("status", cwd=tmp_path, env=env))
     # ...and --name within a root.
-    done = sweep("status", "--store", str(root), "--name", "clirun", cwd=tmp_path)
-    assert done.rc == 0 and "completed" in done.out, done.err
+    shows_the_sweep(sweep("status", "--store", str(root), "--name", "clirun", cwd=tmp_path))
 
     done = sweep("report", "--out", str(tmp_path / "rep"), cwd=tmp_path, env=env)
     assert done.rc == 0, done.err
@@ -116,16 +117,15 @@ def test_status_and_report_find_the_experiment(finished: tuple[Path, Done], tmp_
     assert best["loss"] == pytest.approx(min(float(r["final_eval_loss"]) for r in rows))
 
 
-@pytest.mark.slow
-def test_init_twice_exits_2_naming_the_experiment(tmp_path: Path) -> None:
-    (tmp_path / "space.yaml").write_text(branin_space("twice", trials=3, sobol=3))
-    first = sweep("init", "--space", "space.yaml", "--store", "sweeps", cwd=tmp_path)
-    assert first.rc == 0, first.err
-    assert "created experiment 'twice'" in first.out and "next: sweep run --store sweeps/twice" in first.out
-    snapshot = (tmp_path / "sweeps" / "twice" / "experiment.json").read_bytes()
-    line = one_line_error(sweep("init", "--space", "space.yaml", "--store", "sweeps", cwd=tmp_path))
-    assert "experiment 'twice' already exists" in line and "sweep status --store" in line and "--name" in line
-    assert (tmp_path / "sweeps" / "twice" / "experiment.json").read_bytes() == snapshot
+def test_init_twice_exits_2_naming_the_experiment(finished: tuple[Path, Done]) -> None:
+    # `sweep run --space` created the experiment (through the same Experiment.init as `sweep init`).
+    root, _ = finished
+    snapshot = (root / "clirun" / "experiment.json").read_bytes()
+    line = one_line_error(sweep("init", "--space", "space.yaml", "--store", "sweeps", cwd=root.parent))
+    assert (
+        "experiment 'clirun' already exists" in line and "sweep status --store" in line and "--name" in line
+    )
+    assert (root / "clirun" / "experiment.json").read_bytes() == snapshot
 
 
 @pytest.mark.parametrize(
@@ -167,10 +167,13 @@ def test_missing_store_or_experiment_exits_2_naming_sweep_init(tmp_path: Path, c
     assert not (tmp_path / "sweeps").exists()
     # A named experiment missing from a store.
     line = one_line_error(sweep(command, "--store", str(tmp_path / "empty"), "--name", "ghost", cwd=tmp_path))
-    assert "no experiment 'ghost'" in line and "sweep init --space FILE --store" in line and "--name ghost" in line
+    assert (
+        "no experiment 'ghost'" in line
+        and "sweep init --space FILE --store" in line
+        and "--name ghost" in line
+    )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "not-json"])
 def test_corrupt_snapshot_is_reported_and_left_unchanged(
     finished: tuple[Path, Done], tmp_path: Path, damage: str
@@ -181,7 +184,10 @@ def test_corrupt_snapshot_is_reported_and_left_unchanged(
     data = path.read_bytes()
     bad = data[: len(data) // 2] if damage == "truncated" else b"\x00\xffgarbage"
     path.write_bytes(bad)
-    for args in (["status"], ["report", "--out", str(tmp_path / "rep")], ["worker", "--workdir", "w"]):
+    commands = [["status"], ["report", "--out", str(tmp_path / "rep")]]
+    if damage == "truncated":  # a worker imports Ax (seconds): once is enough
+        commands.append(["worker", "--workdir", "w"])
+    for args in commands:
         done = sweep(*args, "--store", str(root / "clirun"), cwd=tmp_path, timeout_s=90)
         if args[0] == "worker":  # a worker logs (Ax announces itself on import): the error is the last line
             assert done.rc == 1 and "Traceback" not in done.err, done.err

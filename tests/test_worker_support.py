@@ -10,10 +10,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from sweep.ledger import Ledger
 from sweep.store import Store, open_store
@@ -180,17 +179,18 @@ class Fleet:
             log.close()
 
 
-@pytest.fixture
-def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
-    fleets: list[Fleet] = []
+@contextmanager
+def fleets(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    """``make(store_uri, gcs_endpoint=None) -> Fleet``; every fleet is killed on the way out."""
+    made: list[Fleet] = []
 
     def make(store_uri: str, gcs_endpoint: str | None = None) -> Fleet:
         fleet = Fleet(tmp_path, store_uri, subprocess_env(gcs_endpoint))
-        fleets.append(fleet)
+        made.append(fleet)
         return fleet
 
     try:
         yield make
     finally:
-        for fleet in fleets:
+        for fleet in made:
             fleet.close()
