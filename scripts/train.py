@@ -1,7 +1,11 @@
-"""Hydra command line for single runs of the Stage 1 -> 1.9 -> 2 pipeline.
+"""Hydra command line for single runs of the Stage 1 -> 1.9 -> 2 (-> 3) pipeline.
 
 Tiny CPU run (offline, a few minutes on 2 cores):
     python scripts/train.py model=tiny stage1_9.max_steps=50 stage2.max_steps=50
+
+Stage 3 alone (Stage 1 conversion, then BitDistill distillation on the built-in labelled task;
+stage3.init_checkpoint=<dir>/final.pt starts from a trained student instead):
+    python scripts/train.py model=tiny stage=stage3 stage3=classification
 
 Real run:
     python scripts/train.py model=smollm2_135m data=fineweb run.out_dir=runs/smollm2
