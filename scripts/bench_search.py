@@ -1,0 +1,721 @@
+"""Search quality: our sweep vs Optuna TPE, Optuna GP and random search, for the same trial budget.
+
+Every method gets the same number of trials on the same objective and seed; we record, after each
+completed trial, the simple regret of the configuration the method would recommend (its best
+*observed* trial; regret is measured on that trial's noise-free value), plus the wall time the
+method spent deciding each trial.
+
+Methods
+  sweep   our product through its real path: a space YAML -> ``Experiment.init`` on a store
+          (``memory://``) -> ``claim`` -> evaluate -> ``report_result`` -> ... -> ``status().best``.
+          The objective is evaluated in-process (the functions ``sweep.testing.synthetic_trial``
+          runs, called directly instead of through a subprocess, to keep it fast). The Sobol count
+          is the product's default for the budget (``sobol_trials`` omitted from the space) unless
+          ``--sobol`` gives one.
+  random  the same path with ``sobol_trials == trials``: scrambled Sobol only.
+  tpe     ``optuna.samplers.TPESampler(seed=s)`` with Optuna's defaults (``constant_liar`` is on).
+  gp      ``optuna.samplers.GPSampler(seed=s)`` (Optuna >= 3.6; it conditions on running trials).
+Optuna sees the same space, translated to define-by-run (conditional parameters are suggested
+only when their parent has the enabling value).
+
+Modes
+  seq     one trial at a time.
+  par4    4 trials pending at once: claim/ask 4, report the oldest, claim/ask one more, ...
+
+Objectives
+  hartmann6  BoTorch's Hartmann6 on [0, 1]^6, noise-free; optimum -3.32237.
+  mixed      the parameter block of search_spaces/stage19_stage2.yaml (two log-scale LRs, a boolean
+             with three conditional children, ordered and unordered choices) on a synthetic loss
+             with Gaussian observation noise (SD 0.01) whose optimum 1.9 lies *inside* the
+             conditional branch (see :func:`mixed_loss`).
+  real       (``--real``) the tiny BitNet pipeline itself (search_spaces/tiny_cpu.yaml; each trial
+             is ``python -m training.run_trial``); reports the best loss, no regret.
+
+Budgets: Optuna and random search do not know the budget, so one run of the largest budget gives
+every smaller budget exactly (the first n trials). Our sweep's Sobol count depends on the budget,
+so it gets one run per budget.
+
+    .venv/bin/python scripts/bench_search.py --quick              # < 10 min on 2 idle cores
+    .venv/bin/python scripts/bench_search.py --seeds 10 --jobs 2  # the recorded table
+    .venv/bin/python scripts/bench_search.py --report-only        # table + plot from saved runs
+    .venv/bin/python scripts/bench_search.py --real --budgets 8 --seeds 1 --modes seq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sweep.space import SearchSpace, default_sobol_trials, load_space  # noqa: E402
+from sweep.testing.synthetic_trial import HARTMANN6_MIN, hartmann6  # noqa: E402
+
+METHODS = ("sweep", "random", "tpe", "gp")
+MODES = {"seq": 1, "par4": 4}
+PROBLEMS = ("hartmann6", "mixed")
+METRIC = "final_eval_loss"
+LABELS = {
+    "sweep": "our sweep (Sobol + BoTorch)",
+    "random": "random (Sobol only)",
+    "tpe": "Optuna TPE",
+    "gp": "Optuna GP",
+}
+
+# -------------------- Objectives ---------------------------------------------------------
+
+MIXED_NOISE_SD = 0.01
+MIXED_MIN = 1.9
+MIXED_ARGMIN = {
+    "stage1_9_lr": 2.0e-3,
+    "stage2_lr": 2.4e-3,
+    "saliency": True,
+    "initial_k": 0.1,
+    "saliency_schedule": "linear",
+    "ema_decay": 0.995,
+}
+
+
+def mixed_loss(p: dict[str, Any]) -> float:
+    """Noise-free loss shaped like stage19_stage2.yaml; minimum 1.9 at ``MIXED_ARGMIN``.
+
+    Extends ``sweep.testing.synthetic_trial.mixed`` (the same LR bowl, 2.0 at its bottom) so that
+    the conditional branch matters: the saliency curriculum is worth 0.1 when its children are
+    right (initial_k 0.1, linear schedule, EMA 0.995) and moves the best Stage 1.9 LR from 3e-3 to
+    2e-3. The best configuration without saliency is 2.0 (regret 0.1); a random configuration
+    hits the right combination of the four discrete choices once in 48. The best children are
+    deliberately not the middle of their domains (the value Ax imputes for inactive children).
+    """
+    saliency = p["saliency"] is True or str(p["saliency"]).lower() == "true"
+    l1 = math.log(float(p["stage1_9_lr"]) / (2.0e-3 if saliency else 3.0e-3))
+    l2 = math.log(float(p["stage2_lr"]) / 2.4e-3)
+    value = 2.0 + 0.6 * l1**2 + 0.9 * l2**2 + 0.3 * l1 * l2
+    if saliency:
+        k = float(p["initial_k"])
+        value += -0.1 + 4.0 * (k - 0.1) ** 2
+        value += 0.03 if p["saliency_schedule"] == "cosine" else 0.0
+        value += {0.95: 0.06, 0.99: 0.02, 0.995: 0.0}[float(p["ema_decay"])]
+    return value
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    space: dict[str, Any]  # the space YAML as a dict; budget filled in per run
+    optimum: float | None  # None: unknown (real pipeline), report the best loss instead of regret
+    noise_sd: float
+    evaluate: Callable[[dict[str, Any], SearchSpace, np.random.Generator], dict[str, Any]]
+
+    def space_yaml(self, trials: int, sobol: int | None, seed: int) -> str:
+        raw = dict(self.space)
+        budget: dict[str, Any] = {"trials": trials, "seed": seed}
+        if sobol is not None:
+            budget["sobol_trials"] = sobol
+        raw["budget"] = budget
+        return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _synthetic_result(value: float, noise_sd: float, rng: np.random.Generator) -> dict[str, Any]:
+    """What ``sweep.testing.synthetic_trial`` reports: observed loss, its SEM and the true value."""
+    observed = value + float(rng.normal(0.0, noise_sd)) if noise_sd else value
+    return {
+        "status": "completed",
+        "metrics": {METRIC: observed, f"{METRIC}_sem": noise_sd},
+        "true_value": value,
+    }
+
+
+def _eval_hartmann6(params: dict[str, Any], space: SearchSpace, rng: np.random.Generator) -> dict[str, Any]:
+    return _synthetic_result(hartmann6([float(params[f"x{i}"]) for i in range(1, 7)]), 0.0, rng)
+
+
+def _eval_mixed(params: dict[str, Any], space: SearchSpace, rng: np.random.Generator) -> dict[str, Any]:
+    return _synthetic_result(mixed_loss(params), MIXED_NOISE_SD, rng)
+
+
+def _eval_real(params: dict[str, Any], space: SearchSpace, rng: np.random.Generator) -> dict[str, Any]:
+    """One trial of the tiny BitNet pipeline, exactly as a worker runs it (a subprocess)."""
+    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            space.trial.entrypoint,
+            "--out",
+            str(out),
+            "--",
+            *space.overrides(params),
+            # What the worker adds: a fresh output and checkpoint directory per trial (without
+            # them every trial would resume from the previous one's final checkpoint).
+            f"run.out_dir={tmp}/out",
+            f"run.checkpoint_dir={tmp}/ckpt",
+            f"run.metrics_file={tmp}/metrics.jsonl",
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if not out.exists():
+            tail = (proc.stdout + proc.stderr)[-2000:]
+            return {"status": "failed", "reason": f"no result (exit {proc.returncode}): {tail}"}
+        result = json.loads(out.read_text())
+    value = result.get(METRIC)
+    if result.get("status") == "completed" and value is not None:
+        result["true_value"] = value  # no noise-free value: the observed loss is what we have
+    return result
+
+
+def _hartmann6_space() -> dict[str, Any]:
+    return {
+        "name": "bench-hartmann6",
+        "objective": {"metric": METRIC, "goal": "minimize"},
+        "base_overrides": ["function=hartmann6"],
+        "parameters": {
+            f"x{i}": {"type": "float", "low": 0.0, "high": 1.0, "override": f"x{i}"} for i in range(1, 7)
+        },
+        "trial": {"entrypoint": "sweep.testing.synthetic_trial"},
+    }
+
+
+def _mixed_space() -> dict[str, Any]:
+    """search_spaces/stage19_stage2.yaml's parameters verbatim (and its objective)."""
+    raw = yaml.safe_load((ROOT / "search_spaces" / "stage19_stage2.yaml").read_text())
+    return {"name": "bench-mixed", "objective": raw["objective"], "parameters": raw["parameters"]}
+
+
+def _real_space(steps: int | None) -> dict[str, Any]:
+    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
+    raw = {k: v for k, v in raw.items() if k != "budget"}
+    if steps is not None:
+        swap = {"stage1_9.max_steps": steps, "stage2.max_steps": steps}
+        base = []
+        for item in raw["base_overrides"]:
+            key = item.split("=", 1)[0]
+            if key in swap:
+                item = f"{key}={swap[key]}"
+            elif key == "stage2.lambda_warmup.warmup_steps":
+                item = f"{key}={max(1, steps // 2)}"
+            elif key == "run.checkpoint_every":
+                item = f"{key}={max(1, steps)}"
+            base.append(item)
+        raw["base_overrides"] = base
+    raw["name"] = "bench-real"
+    return raw
+
+
+def get_problem(name: str, real_steps: int | None = None) -> Problem:
+    if name == "hartmann6":
+        return Problem("hartmann6", _hartmann6_space(), HARTMANN6_MIN, 0.0, _eval_hartmann6)
+    if name == "mixed":
+        return Problem("mixed", _mixed_space(), MIXED_MIN, MIXED_NOISE_SD, _eval_mixed)
+    if name == "real":
+        return Problem("real", _real_space(real_steps), None, 0.0, _eval_real)
+    raise ValueError(f"unknown problem {name!r}")
+
+
+# -------------------- One run ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    problem: str
+    method: str
+    mode: str
+    budget: int
+    seed: int
+    sobol: int | None = None  # our sweep's sobol_trials; None = the product's default
+    real_steps: int | None = None
+    covers: tuple[int, ...] = ()  # the budgets this run answers (its first n trials); () = (budget,)
+
+    @property
+    def key(self) -> str:
+        return f"{self.problem}/{self.mode}/{self.method}-b{self.budget}-s{self.seed}"
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Run one method once; a record with one entry per completed (or failed) trial, in report order."""
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    problem = get_problem(job.problem, job.real_steps)
+    rng = np.random.default_rng([job.seed, 7919])
+    start = time.perf_counter()
+    if job.method in ("sweep", "random"):
+        trials, info = _run_sweep(job, problem, rng)
+    else:
+        trials, info = _run_optuna(job, problem, rng)
+    return {
+        "job": job.__dict__,
+        "trials": trials,
+        "wall_s": time.perf_counter() - start,
+        "optimum": problem.optimum,
+        **info,
+    }
+
+
+def _run_sweep(job: Job, problem: Problem, rng: np.random.Generator) -> tuple[list[dict], dict]:
+    from sweep.experiment import Experiment
+    from sweep.store import open_store
+
+    sobol = job.budget if job.method == "random" else job.sobol
+    space = load_space(problem.space_yaml(job.budget, sobol, job.seed))
+    exp = Experiment.init(open_store(f"memory://bench-{uuid.uuid4().hex}"), space)
+    width = MODES[job.mode]
+    pending: list[Any] = []
+    trials: list[dict[str, Any]] = []
+    decide: list[float] = []
+    while True:
+        finished = False
+        while len(pending) < width:
+            t0 = time.perf_counter()
+            got = exp.claim(f"bench-{len(pending)}")
+            decide.append(time.perf_counter() - t0)
+            if got.claim is None:
+                finished = got.finished
+                break
+            pending.append(got.claim)
+        if not pending:
+            if finished:
+                break
+            raise RuntimeError(f"sweep waits with nothing pending: {got.reason}")
+        claim = pending.pop(0)  # the oldest finishes first
+        result = problem.evaluate(dict(claim.params), space, rng)
+        exp.report_result(claim.trial_index, claim.attempt, result)
+        trials.append(_trial_entry(result, claim.params, claim.phase))
+    exp.ingest()
+    status = exp.status()
+    best = status.best
+    # The product's own answer: status().best (lowest observed loss) -> its true value.
+    best_true = None
+    if best is not None:
+        for t in trials:
+            if t["observed"] == best.loss:
+                best_true = t["true"]
+    n_decisions = max(1, len(trials))
+    return trials, {
+        "decide_s_total": sum(decide),
+        "decide_s_per_trial": sum(decide) / n_decisions,
+        "status_best_loss": None if best is None else best.loss,
+        "status_best_true": best_true,
+        "sobol_trials": space.budget.sobol_trials,
+    }
+
+
+def _trial_entry(result: dict[str, Any], params: dict[str, Any], phase: str) -> dict[str, Any]:
+    ok = result.get("status") == "completed" and result.get("true_value") is not None
+    metrics = result.get("metrics", {})
+    observed = metrics.get(METRIC, result.get(METRIC))
+    return {
+        "observed": float(observed) if ok else None,
+        "true": float(result["true_value"]) if ok else None,
+        "status": result.get("status"),
+        "phase": phase,
+        "params": {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()},
+    }
+
+
+def optuna_params(space: SearchSpace, trial: Any) -> dict[str, Any]:
+    """The space as Optuna define-by-run: children are suggested only while their parent enables them."""
+    params: dict[str, Any] = {}
+    for p in space.parameters:
+        cond = p.only_if
+        if cond is not None and not (cond.parent in params and params[cond.parent] == cond.value):
+            continue
+        if p.type == "fixed":
+            params[p.name] = p.value
+        elif p.type == "float":
+            params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
+        elif p.type == "int":
+            params[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log)
+        else:
+            params[p.name] = trial.suggest_categorical(p.name, list(p.domain))
+    return params
+
+
+def _run_optuna(job: Job, problem: Problem, rng: np.random.Generator) -> tuple[list[dict], dict]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if job.method == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=job.seed)
+    elif job.method == "gp":
+        sampler = optuna.samplers.GPSampler(seed=job.seed, warn_independent_sampling=False)
+    else:
+        raise ValueError(job.method)
+    space = load_space(problem.space_yaml(job.budget, None, job.seed))
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    width = MODES[job.mode]
+    pending: list[tuple[Any, dict[str, Any]]] = []
+    trials: list[dict[str, Any]] = []
+    decide = 0.0
+    asked = 0
+    while asked < job.budget or pending:
+        while len(pending) < width and asked < job.budget:
+            t0 = time.perf_counter()
+            trial = study.ask()
+            params = optuna_params(space, trial)
+            decide += time.perf_counter() - t0
+            pending.append((trial, params))
+            asked += 1
+        trial, params = pending.pop(0)
+        result = problem.evaluate(dict(params), space, rng)
+        entry = _trial_entry(result, params, "optuna")
+        t0 = time.perf_counter()
+        if entry["observed"] is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, entry["observed"])
+        decide += time.perf_counter() - t0
+        trials.append(entry)
+    return trials, {"decide_s_total": decide, "decide_s_per_trial": decide / max(1, len(trials))}
+
+
+# -------------------- Scoring ------------------------------------------------------------
+
+
+def curve(record: dict[str, Any]) -> list[float]:
+    """After each reported trial: regret (or best loss) of the best *observed* trial so far."""
+    out, best_obs, best_true = [], math.inf, math.nan
+    optimum = record["optimum"]
+    for t in record["trials"]:
+        if t["observed"] is not None and t["observed"] < best_obs:
+            best_obs, best_true = t["observed"], t["true"]
+        out.append(best_true - optimum if optimum is not None else best_true)
+    return out
+
+
+def score_at(record: dict[str, Any], n: int) -> float:
+    values = curve(record)
+    return values[min(n, len(values)) - 1] if values else math.nan
+
+
+# -------------------- Planning, running, saving ------------------------------------------
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    jobs = []
+    budgets = sorted(args.budgets)
+    top = budgets[-1]
+    for problem in args.problems:
+        searched = len(load_space(get_problem(problem).space_yaml(top, None, 0)).searched)
+
+        def sobol(b: int, searched: int = searched) -> int:
+            return min(args.sobol, b) if args.sobol else default_sobol_trials(b, searched)
+
+        # Optuna and random search do not know the budget: the first n trials of the longest run
+        # are an n-trial run. Ours neither, among budgets with the same Sobol count.
+        groups: dict[str, list[tuple[int, ...]]] = {
+            "sweep": [
+                tuple(b for b in budgets if sobol(b) == s) for s in sorted({sobol(b) for b in budgets})
+            ],
+        }
+        for mode in args.modes:
+            for seed in args.seeds_list:
+                for method in args.methods:
+                    for covers in groups.get(method, [tuple(budgets)]):
+                        jobs.append(
+                            Job(problem, method, mode, max(covers), seed, args.sobol, args.real_steps, covers)
+                        )
+    # Interleave methods so a run cut short still has every method at the low seeds.
+    return sorted(jobs, key=lambda j: (j.seed, j.problem, j.mode, j.method, j.budget))
+
+
+def _path(out: Path, job: Job) -> Path:
+    return out / f"{job.key}.json"
+
+
+def execute(jobs: list[Job], out: Path, n_jobs: int) -> None:
+    todo = [j for j in jobs if not _path(out, j).exists()]
+    print(
+        f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run", flush=True
+    )
+    done = 0
+    t_start = time.time()
+
+    def save(job: Job, record: dict[str, Any]) -> None:
+        nonlocal done
+        path = _path(out, job)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+        done += 1
+        print(
+            f"[{done}/{len(todo)} {time.time() - t_start:6.0f}s] {job.key}: "
+            f"final {score_at(record, job.budget):.4g}, {record['wall_s']:.1f}s, "
+            f"deciding {1000 * record['decide_s_per_trial']:.0f} ms/trial",
+            flush=True,
+        )
+
+    if n_jobs <= 1:
+        for job in todo:
+            save(job, run_job(job))
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, job): job for job in todo}
+        from concurrent.futures import as_completed
+
+        for fut in as_completed(futures):
+            save(futures[fut], fut.result())
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/*/*.json"))]
+
+
+# -------------------- Report ---------------------------------------------------------------
+
+
+def _quantiles(values: Iterable[float]) -> tuple[float, float, float, int]:
+    arr = np.array([v for v in values if not math.isnan(v)], dtype=float)
+    if not len(arr):
+        return math.nan, math.nan, math.nan, 0
+    q25, q50, q75 = np.percentile(arr, [25, 50, 75])
+    return float(q50), float(q25), float(q75), len(arr)
+
+
+def summarize(records: list[dict[str, Any]], budgets: list[int]) -> list[dict[str, Any]]:
+    """One row per (problem, mode, budget, method): median and IQR of the score over seeds."""
+    rows = []
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        j = r["job"]
+        groups.setdefault((j["problem"], j["mode"], j["method"]), []).append(r)
+    for problem in [p for p in (*PROBLEMS, "real") if any(k[0] == p for k in groups)]:
+        for mode in [m for m in MODES if any(k[:2] == (problem, m) for k in groups)]:
+            for budget in budgets:
+                for method in METHODS:
+                    recs = [r for r in groups.get((problem, mode, method), []) if budget in _covers(r)]
+                    if not recs:
+                        continue
+                    med, q25, q75, n = _quantiles(score_at(r, budget) for r in recs)
+                    decide = [1000 * r["decide_s_per_trial"] for r in recs]
+                    rows.append(
+                        {
+                            "problem": problem,
+                            "mode": mode,
+                            "budget": budget,
+                            "method": method,
+                            "median": med,
+                            "q25": q25,
+                            "q75": q75,
+                            "seeds": n,
+                            "decide_ms": float(np.median(decide)),
+                            "sobol": recs[0].get("sobol_trials"),
+                        }
+                    )
+    return rows
+
+
+def _covers(record: dict[str, Any]) -> tuple[int, ...]:
+    job = record["job"]
+    if job.get("covers"):
+        return tuple(job["covers"])
+    return (job["budget"],) if job["method"] == "sweep" else tuple(range(1, job["budget"] + 1))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    score = "median best loss" if rows and all(r["problem"] == "real" for r in rows) else "median regret"
+    lines = [
+        f"| objective | mode | trials | method | {score} | IQR | seeds | deciding ms/trial |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best: dict[tuple[str, str, int], float] = {}
+    for r in rows:
+        key = (r["problem"], r["mode"], r["budget"])
+        best[key] = min(best.get(key, math.inf), r["median"])
+    for r in rows:
+        med = f"{r['median']:.4f}"
+        if r["median"] <= best[(r["problem"], r["mode"], r["budget"])]:
+            med = f"**{med}**"
+        method = LABELS[r["method"]]
+        if r["method"] == "sweep" and r["sobol"] is not None:
+            method += f", {r['sobol']} Sobol"
+        lines.append(
+            f"| {r['problem']} | {r['mode']} | {r['budget']} | {method} | {med} | "
+            f"{r['q25']:.4f}-{r['q75']:.4f} | {r['seeds']} | {r['decide_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def wide_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (objective, mode, trials), one column per method: median (IQR); best in bold."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    score = "best loss" if rows and all(r["problem"] == "real" for r in rows) else "regret"
+    head = " | ".join(LABELS[m] for m in methods)
+    lines = [f"| objective | mode | trials | {head} |", "|---|---|---|" + "---|" * len(methods)]
+    keys = list(dict.fromkeys((r["problem"], r["mode"], r["budget"]) for r in rows))
+    for key in keys:
+        cells = {r["method"]: r for r in rows if (r["problem"], r["mode"], r["budget"]) == key}
+        best = min(c["median"] for c in cells.values())
+        out = []
+        for m in methods:
+            c = cells.get(m)
+            if c is None:
+                out.append("")
+                continue
+            med = f"{c['median']:.3g}"
+            out.append(f"{'**' + med + '**' if c['median'] <= best else med} ({c['q25']:.3g}-{c['q75']:.3g})")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(out) + " |")
+    decide = []
+    for m in methods:
+        per = [r["decide_ms"] for r in rows if r["method"] == m]
+        decide.append(f"{min(per):.0f}-{max(per):.0f}")
+    lines.append(f"| deciding, ms/trial | | | {' | '.join(decide)} |")
+    return f"Median simple {score} (interquartile range) over seeds; bold: lowest median.\n\n" + "\n".join(
+        lines
+    )
+
+
+def plot(records: list[dict[str, Any]], path: Path, budgets: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(budgets)
+    panels = sorted(
+        {(r["job"]["problem"], r["job"]["mode"]) for r in records}, key=lambda k: (k[0], k[1] != "seq")
+    )
+    cols = 2
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 4 * rows), squeeze=False)
+    colors = {"sweep": "C3", "random": "C7", "tpe": "C0", "gp": "C2"}
+    for ax, (problem, mode) in zip(axes.flat, panels):
+        for method in METHODS:
+            recs = [
+                r
+                for r in records
+                if r["job"]["problem"] == problem
+                and r["job"]["mode"] == mode
+                and r["job"]["method"] == method
+                and r["job"]["budget"] == top
+            ]
+            if not recs:
+                continue
+            curves = np.array([curve(r)[:top] for r in recs if len(r["trials"]) >= top], dtype=float)
+            if not len(curves):
+                continue
+            x = np.arange(1, top + 1)
+            q25, q50, q75 = np.nanpercentile(curves, [25, 50, 75], axis=0)
+            ax.plot(x, q50, color=colors[method], label=f"{LABELS[method]} (n={len(curves)})")
+            ax.fill_between(x, q25, q75, color=colors[method], alpha=0.12)
+            if method == "sweep":  # our dedicated shorter-budget runs
+                for b in budgets:
+                    if b == top:
+                        continue
+                    short = [
+                        score_at(r, b)
+                        for r in records
+                        if r["job"]["problem"] == problem
+                        and r["job"]["mode"] == mode
+                        and r["job"]["method"] == "sweep"
+                        and r["job"]["budget"] == b
+                    ]
+                    if short:
+                        ax.plot([b], [np.median(short)], "o", color=colors[method], mfc="white")
+        ax.set_yscale("log")
+        ax.set_title(f"{problem}, {'sequential' if mode == 'seq' else '4 pending trials'}")
+        ax.set_xlabel("trials")
+        ax.set_ylabel("simple regret (median, IQR shaded)" if problem != "real" else "best loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(
+        "Regret vs trials (lines: 30-trial runs; open circles: our sweep run with that budget)", fontsize=10
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# -------------------- CLI ----------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="a < 10 min subset: seeds 0-2 (with --jobs 2 unless given)"
+    )
+    ap.add_argument(
+        "--real", action="store_true", help="the tiny BitNet pipeline instead of synthetic objectives"
+    )
+    ap.add_argument(
+        "--real-steps", type=int, default=None, help="--real: steps per stage (default: tiny_cpu's 30)"
+    )
+    ap.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--budgets", nargs="+", type=int, default=[10, 20, 30])
+    ap.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument(
+        "--sobol", type=int, default=None, help="our sweep's sobol_trials (default: the product's)"
+    )
+    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (processes); default 1")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="run records (default runs/bench_search[-quick|-real])"
+    )
+    ap.add_argument(
+        "--plot", type=Path, default=None, help="where to write the plot (default: <out>/regret.png)"
+    )
+    ap.add_argument("--report-only", action="store_true", help="only build the table and plot from --out")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds = min(args.seeds, 3)
+    if args.jobs is None:
+        args.jobs = 2 if args.quick else 1
+    if args.real:
+        args.problems = ["real"]
+        if args.budgets == [10, 20, 30]:
+            args.budgets = [8]
+    suffix = "-real" if args.real else "-quick" if args.quick else ""
+    args.out = args.out or ROOT / "runs" / f"bench_search{suffix}"
+    args.plot = args.plot or args.out / "regret.png"
+    args.seeds_list = list(range(args.first_seed, args.first_seed + args.seeds))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not args.report_only:
+        execute(plan(args), args.out, args.jobs)
+    records = [
+        r
+        for r in load_records(args.out)
+        if r["job"]["problem"] in args.problems
+        and r["job"]["mode"] in args.modes
+        and r["job"]["method"] in args.methods
+    ]
+    rows = summarize(records, sorted(args.budgets))
+    table = markdown_table(rows)
+    wide = wide_table(rows)
+    print(table, wide, sep="\n\n")
+    (args.out / "table.md").write_text(table + "\n\n" + wide + "\n")
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
+    plot(records, args.plot, sorted(args.budgets))
+    print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
