@@ -32,11 +32,11 @@ Objectives
              is ``python -m training.run_trial``); reports the best loss, no regret.
 
 Budgets: Optuna and random search do not know the budget, so one run of the largest budget gives
-every smaller budget exactly (the first n trials). Our sweep's Sobol count depends on the budget,
-so it gets one run per budget.
+every smaller budget exactly (the first n trials). Our sweep gets one run per distinct Sobol count
+(budgets with the same count share a run: 20 and 30 trials both start with 7 Sobol).
 
-    .venv/bin/python scripts/bench_search.py --quick              # < 10 min on 2 idle cores
-    .venv/bin/python scripts/bench_search.py --seeds 10 --jobs 2  # the recorded table
+    .venv/bin/python scripts/bench_search.py --quick   # seeds 0-2, 2 processes: 4 min on 2 cores
+    .venv/bin/python scripts/bench_search.py --seeds 10 --jobs 2 --plot docs/search-regret.png
     .venv/bin/python scripts/bench_search.py --report-only        # table + plot from saved runs
     .venv/bin/python scripts/bench_search.py --real --budgets 8 --seeds 1 --modes seq
 """
