@@ -49,19 +49,9 @@ from training.bitnet.fp8 import (  # noqa: E402
     weight_codes,
 )
 from training.bitnet.functional import bitlinear_forward  # noqa: E402
+from training.models import SMOLLM2_135M_SHAPE  # noqa: E402
 
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
+SMOLLM2_135M = SMOLLM2_135M_SHAPE
 # (name, in_features K, out_features N)
 LAYERS = [
     ("q_proj/o_proj 576->576", 576, 576),

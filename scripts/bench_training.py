@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.api import compose_config  # noqa: E402
 from training.bitnet.fp8 import configure_fp8  # noqa: E402
+from training.models import SMOLLM2_135M_SHAPE  # noqa: E402
 from training.runtime import resolve_device, resolve_dtype, seed_everything  # noqa: E402
 from training.stages import stage1_9 as s19  # noqa: E402
 from training.stages import stage2 as s2  # noqa: E402
@@ -72,18 +73,7 @@ from training.stages.common import (  # noqa: E402
 from training.stages.trainer import LoopSpec, Trainer  # noqa: E402
 
 STAGES = ("stage1_9", "stage2")
-SMOLLM2_135M = {
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 100000.0,
-    "tie_word_embeddings": True,
-}
+SMOLLM2_135M = SMOLLM2_135M_SHAPE
 
 
 @dataclass

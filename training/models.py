@@ -91,6 +91,21 @@ class TinyModelSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# SmolLM2-135M's shape (LlamaConfig kwargs), for benchmarks that build it from config without a download.
+SMOLLM2_135M_SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BITNET_SWEEP_CACHE") or Path.home() / ".cache" / "bitnet-sweep").expanduser()
 
