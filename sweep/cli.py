@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     args = build_parser().parse_args(argv)
     from sweep.experiment import ExperimentExists, ExperimentNotFound, SweepError
+    from sweep.results import ResultError
     from sweep.space import SpaceError
     from sweep.store import StoreError
 
@@ -330,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, SpaceError, FileNotFoundError, ExperimentExists, ExperimentNotFound) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (StoreError, SweepError) as exc:  # SweepError: e.g. CorruptSnapshot, left unchanged
+    except (StoreError, SweepError, ResultError) as exc:  # SweepError: e.g. CorruptSnapshot, left unchanged
+        # ResultError: a result the store refused; the worker records it as a failed attempt, so this
+        # is only a last guard that it is one line, not a traceback.
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,10 @@ The objective (and its ``_sem``) may also sit at the top level, as
   config), which retrying cannot fix;
 * ``preempted`` -- retried (resuming from the checkpoint), same attempt budget;
 * ``early_stopped`` -- final; its objective, if any, goes to Ax.
+
+A result that breaks these rules raises :class:`ResultError`; the worker checks the trial's result
+with :func:`normalize_result` first and reports a malformed one as ``failed`` with
+``infrastructure: false`` and the error as its reason (sweep/worker.py).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def normalize_result(result: Mapping[str, Any], *, metric: str, attempt: int) ->
     """The canonical stored form of a worker's result, or ResultError."""
     if not isinstance(result, Mapping):
         raise ResultError(
-            f"result: must be a mapping with a status ({', '.join(STATUSES)}), got {type(result).__name__}"
+            f"result: must be a JSON object with a status ({', '.join(STATUSES)}), got {_json_kind(result)}"
         )
     status = result.get("status")
     if status not in STATUSES:
@@ -103,6 +107,21 @@ def classify(result: Mapping[str, Any], metric: str) -> tuple[str, str, str]:
     if result.get("infrastructure", True):
         return RETRYABLE, "", reason or "failed (infrastructure)"
     return FINAL, "failed", reason or "failed"
+
+
+def _json_kind(value: Any) -> str:
+    """What a non-object result is, in JSON's words (a result file is JSON)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
 
 
 def _finite(value: Any) -> bool:

@@ -9,7 +9,12 @@ With ``early_stopping`` in the space, each heartbeat that uploads a new stage-2 
 the trial should stop (sweep/early_stopping.py); if so the trial is SIGTERMed the same way and
 reported ``early_stopped`` with its last loss. With ``tracking: {wandb: true}`` the trial gets
 ``run.wandb.*`` overrides and ``$SWEEP_TRIAL`` (sweep/trial_tracking.py); secrets from the
-environment are masked in everything reported to the store.
+environment (``*_KEY``, ``*_TOKEN``, ``*_SECRET``, ``*PASSWORD*``) are masked in everything the
+worker writes to the store: results, log tails, heartbeats and progress.
+
+What the trial writes cannot stop the worker: a metrics line that is not a JSON object is skipped
+with one warning (the heartbeat goes on, or the trial would be requeued while it runs), and a
+result the store would refuse becomes a failed attempt that says what was wrong.
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ from typing import Any
 
 from sweep.early_stopping import EarlyStopMonitor, make_stopper
 from sweep.experiment import TrialSuperseded
+from sweep.results import ResultError, normalize_result
 from sweep.trial_tracking import redact, trial_env, wandb_overrides
 
 log = logging.getLogger("sweep.worker")
 
 INFRA_STATUSES = ("failed", "preempted")
+MALFORMED_EXCERPT = 500  # characters of a malformed result kept with its failed attempt
+BAD_LINE_EXCERPT = 80  # characters of a skipped metrics line shown in its warning
 
 
 @dataclass
@@ -120,11 +128,11 @@ class Worker:
             if self._stop.is_set():
                 # SIGTERM arrived while the claim was in progress: hand the trial back now
                 # (requeued at the next claim) rather than start it on a machine that is going away.
-                self.exp.report_result(claim.trial_index, claim.attempt, {
+                self._report(claim, {
                     "status": "preempted", "reason": f"worker {self.id} stopped before the trial started"})
                 break
             outcome = self.run_trial(claim)
-            self.exp.report_result(claim.trial_index, claim.attempt, outcome)
+            self._report(claim, outcome)
             summary.trials_run += 1
             idle_since = time.monotonic()
             if outcome["status"] == "completed":
@@ -147,6 +155,27 @@ class Worker:
             summary.stop_reason = "stopped by signal"
         log.info("worker %s done: %s", self.id, summary)
         return summary
+
+    def _report(self, claim: Any, outcome: dict[str, Any]) -> None:
+        """Hand ``outcome`` to the store; a refusal costs this attempt, never the worker.
+
+        ``run_trial`` has already turned a malformed result into a failed attempt, so a ResultError
+        here is the store refusing the report itself (e.g. the attempt already has a result). Then
+        one plain failure is reported instead, if the store takes it; either way the worker goes on
+        (raising would requeue the trial to the next worker, which would fail the same way).
+        """
+        try:
+            self.exp.report_result(claim.trial_index, claim.attempt, redact(outcome))
+        except ResultError as exc:
+            log.error("worker %s: trial %d attempt %d: the result was refused: %s",
+                      self.id, claim.trial_index, claim.attempt, exc)
+            fallback = {"status": "failed", "infrastructure": False, "worker": self.id,
+                        "reason": f"the worker's report of this attempt was refused: {exc}"}
+            try:
+                self.exp.report_result(claim.trial_index, claim.attempt, redact(fallback))
+            except ResultError as again:
+                log.error("worker %s: trial %d attempt %d: no result recorded: %s",
+                          self.id, claim.trial_index, claim.attempt, again)
 
     # -- one trial ------------------------------------------------------------------------------
     def run_trial(self, claim: Any) -> dict[str, Any]:
@@ -185,12 +214,14 @@ class Worker:
             finally:
                 beat.stop()
                 self._child = None
-        outcome = _read_result(result_path)
-        if outcome is None:
+        raw = _read_result(result_path)
+        if raw is None:
             last = next((line.strip() for line in reversed(_tail(log_path, 5)) if line.strip()), "")
             outcome = {"status": "failed", "infrastructure": True,
                        "reason": f"trial process exited with code {rc} and wrote no result"
                                  + (f": {last[:300]}" if last else "")}
+        else:
+            outcome = self._checked(raw, claim)
         if outcome["status"] == "failed" or rc not in (0, None):
             outcome.setdefault("log_tail", _tail(log_path, self.opt.log_tail_lines))
         if self._monitor is not None:
@@ -199,6 +230,25 @@ class Worker:
         outcome.update(worker=self.id, seconds=time.time() - started, exit_code=rc)
         outcome.setdefault("gpu", self._gpu_name())  # with seconds: the trial's cost (docs/cloud.md)
         return redact(outcome)
+
+    def _checked(self, raw: Any, claim: Any) -> dict[str, Any]:
+        """The trial's result if the store will take it, else a failed attempt saying what is wrong.
+
+        Checked here with the store's own rules (sweep.results) because ``report_result`` would raise
+        for it, killing the worker, and the next worker that ran the requeued trial too. A malformed
+        result is the trial's own bug (its result writer), not the machine's: ``infrastructure:
+        false``, so the sweep does not retry what would be written the same way again.
+        """
+        space = getattr(self.exp, "space", None)
+        metric = space.objective.metric if space is not None else "final_eval_loss"
+        try:
+            normalize_result(raw, metric=metric, attempt=claim.attempt)
+        except ResultError as exc:
+            reason = f"trial wrote a malformed result: {exc}"
+            log.error("worker %s: trial %d attempt %d: %s", self.id, claim.trial_index, claim.attempt, redact(reason))
+            return {"status": "failed", "infrastructure": False, "reason": reason,
+                    "malformed_result": json.dumps(raw, default=str)[:MALFORMED_EXCERPT]}
+        return dict(raw)
 
     def _gpu_name(self) -> str:
         if self._gpu is None:
@@ -242,30 +292,63 @@ class _Heartbeat(threading.Thread):
         self.on_superseded = on_superseded
         self.monitor = monitor
         self._halt = threading.Event()
-        self._offset = 0
+        self._offset = 0  # bytes of the metrics file already read
+        self._line = 0  # lines of it already read (a skipped line's warning names its number)
+        self._read_error = ""  # the last error reading the file, logged once until it changes
 
     def run(self) -> None:
+        # The heartbeat is what keeps this trial ours: nothing may end the thread but stop().
         while True:
-            self.beat()
+            self._beat_safely()
             if self._halt.wait(self.interval_s):
-                self.beat(final=True)
+                self._beat_safely(final=True)
                 return
 
+    def _beat_safely(self, final: bool = False) -> None:
+        try:
+            self.beat(final=final)
+        except Exception:  # noqa: BLE001 - beat() handles what it knows; this is for what nobody foresaw
+            log.exception("heartbeat for trial %d: unexpected error (the next beat retries)", self.claim.trial_index)
+
     def beat(self, final: bool = False) -> None:
-        records = self._new_records()
+        """One heartbeat: whatever reading the progress or early stopping does, the heartbeat is written."""
+        records = self._progress()
         if self.monitor is not None:
-            self.monitor.observe(records)
+            try:
+                self.monitor.observe(records)
+            except Exception as exc:  # noqa: BLE001 - early stopping is advisory; the trial runs on
+                log.warning("early stopping for trial %d could not take the new progress: %s",
+                            self.claim.trial_index, exc)
         try:
             self.exp.heartbeat(self.claim.trial_index, self.claim.attempt, records)
-            if self.monitor is not None and not final:
-                self.monitor.check()  # asks Ax once the new progress is in the store
         except TrialSuperseded as exc:
             self._halt.set()
             self.on_superseded(str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the trial; the next one retries
             log.warning("heartbeat for trial %d failed: %s", self.claim.trial_index, exc)
+            return
+        if self.monitor is not None and not final:
+            try:
+                self.monitor.check()  # asks Ax once the new progress is in the store
+            except Exception as exc:  # noqa: BLE001 - as above: a failed check must not stop the beats
+                log.warning("early stopping check for trial %d failed: %s", self.claim.trial_index, exc)
+
+    def _progress(self) -> list[dict]:
+        """The new records of the metrics file, secrets masked; [] (one warning) if it cannot be read."""
+        try:
+            records = self._new_records()
+        except OSError as exc:
+            if str(exc) != self._read_error:
+                log.warning("trial %d: cannot read its metrics file %s (progress waits; heartbeats go on): %s",
+                            self.claim.trial_index, self.metrics_path, exc)
+                self._read_error = str(exc)
+            return []
+        self._read_error = ""
+        return redact(records)
 
     def _new_records(self) -> list[dict]:
+        """JSON objects from the whole lines appended since the last beat; a bad line is skipped, once."""
         if not self.metrics_path.exists():
             return []
         with self.metrics_path.open("rb") as fh:
@@ -273,7 +356,19 @@ class _Heartbeat(threading.Thread):
             chunk = fh.read()
         end = chunk.rfind(b"\n") + 1  # only whole lines; a partial last line waits for the next beat
         self._offset += end
-        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+        records = []
+        for raw in chunk[:end].split(b"\n")[:-1]:
+            self._line += 1
+            if not raw.strip():
+                continue
+            record, problem = _parse_line(raw)
+            if problem:
+                excerpt = redact(raw[:BAD_LINE_EXCERPT].decode("utf-8", errors="replace"))
+                log.warning("trial %d: skipping line %d of %s (%s): %r", self.claim.trial_index, self._line,
+                            self.metrics_path, problem, excerpt)
+                continue
+            records.append(record)
+        return records
 
     def stop(self) -> None:
         self._halt.set()
@@ -328,12 +423,32 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _read_result(path: Path) -> dict | None:
+def _parse_line(raw: bytes) -> tuple[dict | None, str]:
+    """``(record, "")`` for a metrics line holding a JSON object, else ``(None, what is wrong)``."""
     try:
-        return json.loads(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8: {exc.reason} at byte {exc.start}"
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return None, f"not JSON: {exc}"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object: a {type(record).__name__}"
+    return record, ""
+
+
+def _read_result(path: Path) -> Any:
+    """The trial's result file as parsed JSON (of any type: the worker checks it), None if absent.
+
+    A file that is not UTF-8 JSON (e.g. cut short by a kill mid-write) is a failed attempt that can
+    be retried, as before.
+    """
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         return {"status": "failed", "infrastructure": True, "reason": f"unreadable result file {path}: {exc}"}
 
 
