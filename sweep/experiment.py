@@ -6,9 +6,12 @@ Objects of experiment ``<name>`` under the store root (docs/store-protocol.md)::
     <name>/experiment.json            Ax client snapshot + the sweep's ledger; written only under
                                       the lease, with CAS on the version that was read
     <name>/lease, lease.epoch         sweep.lease.Lease
-    <name>/trials/<i>/claim.json      {worker, attempt, claimed_at, params, overrides, phase}
+    <name>/trials/<i>/claim.json      {worker, attempt, epoch, claimed_at, params, overrides, entrypoint,
+                                      phase}; CAS-written, only ever to a later attempt (fenced)
     <name>/trials/<i>/heartbeat-<a>   rewritten by attempt <a>; its storage time is the liveness signal
-    <name>/trials/<i>/progress.jsonl  {"attempt": a, ...record} per line, appended with CAS
+    <name>/trials/<i>/progress/<a>-<n>.jsonl
+                                      {"attempt": a, ...record} per line; attempt a's n-th segment,
+                                      appended with CAS until it holds 64 KB
     <name>/trials/<i>/result-<a>.json what attempt <a> reported; create-only, never overwritten
     <name>/trials/<i>/ckpt/           checkpoints, so a requeued attempt resumes
 
@@ -25,20 +28,24 @@ requeued trial keeps its index and its place in the budget.
 A claim: take the lease -> load the snapshot (kept decoded in memory while its
 version is unchanged) -> ingest new results of in-flight trials -> requeue
 attempts whose heartbeat is stale -> hand out a queued trial, else ask Ax for a
-new one -> save with CAS -> write claim.json -> release.
+new one (its overrides and entrypoint frozen in the ledger) -> save with CAS ->
+write claim.json (fenced) -> release. One claim holds the lease at most
+``lease_max_hold_s``; waiters wait on, logging, instead of giving up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sweep.lease import Lease, LeaseHandle, LeaseLost, default_owner
+from sweep.lease import Lease, LeaseHandle, LeaseLost, LeaseTimeout, default_owner
 from sweep.ledger import RUNNING, Ledger, TrialRecord
 from sweep.results import FINAL, ResultError, classify, normalize_result, objective_value
 from sweep.space import SearchSpace, SpaceError, load_space
@@ -62,6 +69,8 @@ __all__ = [
     "TrialSuperseded",
 ]
 
+log = logging.getLogger("sweep.experiment")
+
 SPACE_KEY = "space.yaml"
 SNAPSHOT_KEY = "experiment.json"
 LEASE_KEY = "lease"
@@ -70,6 +79,9 @@ _NAME = re.compile(r"[a-z0-9_-]{1,64}")
 # stalled past the lease TTL); each try starts again from what the store holds.
 _CLAIM_TRIES = 3
 _APPEND_TRIES = 20
+# progress/<attempt>-<seq>.jsonl segments: a heartbeat rewrites only the current segment, which
+# is closed once it holds this many bytes, so one heartbeat costs O(segment), not O(trial so far).
+PROGRESS_SEGMENT_BYTES = 64 * 1024
 
 
 class SweepError(Exception):
@@ -105,6 +117,8 @@ class Claim:
     # Where a trial subprocess writes checkpoints: a directory path for a local store, a
     # gs:// URI for GCS, None for memory:// (another process cannot reach it).
     checkpoint_uri: str | None = None
+    # The module the worker runs (frozen with the overrides at the trial's first claim).
+    entrypoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,16 +164,24 @@ class Experiment:
         *,
         lease_ttl_s: float = 60.0,
         lease_timeout_s: float = 600.0,
+        lease_max_hold_s: float = 600.0,
     ) -> None:
         self.store = store  # rooted at the experiment's folder
         self.name = name
         self.space = space
         self.uri = store.uri
         self.lease_ttl_s = lease_ttl_s
+        # Not a give-up time: a claim that has waited this long for the lease says so and waits on
+        # (every holder lets go within lease_max_hold_s + lease_ttl_s, so the wait is bounded).
         self.lease_timeout_s = lease_timeout_s
+        # The longest one claim may hold the lease; past it the keepalive stops renewing and the
+        # holder's claim is aborted, so a claimer hung in Ax or on I/O cannot block everyone.
+        self.lease_max_hold_s = lease_max_hold_s
         self._lock = threading.Lock()  # one claim/ingest at a time per instance
         self._cache: _Snapshot | None = None
         self._last_progress: dict[tuple[int, int], dict[str, Any]] = {}
+        # (trial, attempt) -> (seq, bytes, version) of the progress segment this process appends to.
+        self._progress_tail: dict[tuple[int, int], tuple[int, bytes, object]] = {}
 
     def __repr__(self) -> str:
         return f"Experiment({self.uri!r})"
@@ -175,6 +197,7 @@ class Experiment:
         *,
         lease_ttl_s: float = 60.0,
         lease_timeout_s: float = 600.0,
+        lease_max_hold_s: float = 600.0,
     ) -> Experiment:
         """Create experiment ``name`` (default: the space's name) in ``store_root``; never overwrites.
 
@@ -200,30 +223,65 @@ class Experiment:
         except Conflict:
             raise exists from None
         store.write(SPACE_KEY, space.to_yaml().encode("utf-8"))
-        return cls(store, name, space, lease_ttl_s=lease_ttl_s, lease_timeout_s=lease_timeout_s)
+        return cls(
+            store,
+            name,
+            space,
+            lease_ttl_s=lease_ttl_s,
+            lease_timeout_s=lease_timeout_s,
+            lease_max_hold_s=lease_max_hold_s,
+        )
 
     @classmethod
     def open(
-        cls, store_root: Store, name: str, *, lease_ttl_s: float = 60.0, lease_timeout_s: float = 600.0
+        cls,
+        store_root: Store,
+        name: str,
+        *,
+        lease_ttl_s: float = 60.0,
+        lease_timeout_s: float = 600.0,
+        lease_max_hold_s: float = 600.0,
     ) -> Experiment:
         """Open existing experiment ``name`` in ``store_root`` (options as for :meth:`init`)."""
         store = store_root.child(name)
         got = store.read(SPACE_KEY)
-        if got is not None:
-            text = got[0].decode("utf-8", errors="replace")
-        elif store.stat(SNAPSHOT_KEY) is None:
+        if got is None and store.stat(SNAPSHOT_KEY) is None:
             raise ExperimentNotFound(
                 f"no experiment '{name}' in {store_root.uri}; "
                 f"create it with `sweep init --space FILE --store {store_root.uri} --name {name}`"
             )
+        # The snapshot carries the space the experiment was created with; space.yaml is its
+        # readable copy. A space.yaml edited since would make workers disagree on what a trial
+        # runs (and a requeue run another configuration), so it is refused, not followed.
+        try:
+            created_with: str | None = _ledger_without_ax(store).space_yaml
+        except (CorruptSnapshot, ExperimentNotFound):
+            if got is None:
+                raise
+            created_with = None  # reported by the first claim or status, which cannot go on
+        if got is not None:
+            text = got[0].decode("utf-8", errors="replace")
+            if created_with is not None and text != created_with:
+                raise SpaceError(
+                    f"{store.where(SPACE_KEY)} differs from the space experiment '{name}' was created with; "
+                    "a running experiment's space cannot change: restore the original (it is kept in "
+                    f"{store.where(SNAPSHOT_KEY)}) or create a new experiment with `sweep init --name`"
+                )
         else:
-            # init stopped between its two writes: the snapshot carries the space too.
-            text = _ledger_without_ax(store).space_yaml
+            assert created_with is not None
+            text = created_with  # init stopped between its two writes
         try:
             space = load_space(text)
         except SpaceError as err:
             raise SpaceError(f"{store.where(SPACE_KEY)}: {err}") from None
-        return cls(store, name, space, lease_ttl_s=lease_ttl_s, lease_timeout_s=lease_timeout_s)
+        return cls(
+            store,
+            name,
+            space,
+            lease_ttl_s=lease_ttl_s,
+            lease_timeout_s=lease_timeout_s,
+            lease_max_hold_s=lease_max_hold_s,
+        )
 
     # -------------------- Section 2: Claiming -----------------------------------------
 
@@ -318,33 +376,72 @@ class Experiment:
         )
 
     def append_progress(self, trial_index: int, attempt: int, records: Sequence[Mapping[str, Any]]) -> None:
-        """Append ``records`` (e.g. ``{"stage": "stage2", "step": 40, "loss": 3.1}``) to progress.jsonl.
+        """Append ``records`` (e.g. ``{"stage": "stage2", "step": 40, "loss": 3.1}``) to the trial's progress.
 
-        Read + CAS append: one object per trial that reads back in one go. Send
-        records in batches (each heartbeat), not one write per training step.
+        Progress lives in segments ``trials/<i>/progress/<attempt>-<seq>.jsonl``: an append
+        rewrites (with CAS) only the attempt's current segment, and a segment is closed once it
+        holds PROGRESS_SEGMENT_BYTES, so a heartbeat costs the same at hour 20 as at minute 1
+        (one rewritten file of the whole trial made it quadratic). Segments are per attempt, so
+        a zombie attempt never races its successor's. Send records in batches (each heartbeat).
         """
         lines = b"".join(
             json.dumps({**dict(r), "attempt": attempt}, default=str).encode("utf-8") + b"\n" for r in records
         )
-        key = _trial_key(trial_index, "progress.jsonl")
+        if not lines:
+            return
+        tail = self._progress_tail.get((trial_index, attempt))
+        if tail is None:
+            tail = self._find_progress_tail(trial_index, attempt)
         for _ in range(_APPEND_TRIES):
-            got = self.store.read(key)
-            old, version = (b"", CREATE_ONLY) if got is None else got
+            seq, old, version = tail
+            if old and len(old) + len(lines) > PROGRESS_SEGMENT_BYTES:
+                seq, old, version = seq + 1, b"", CREATE_ONLY  # close the full segment
+            key = _progress_key(trial_index, attempt, seq)
             try:
-                self.store.write(key, old + lines, if_version=version)
-                return
+                new_version = self.store.write(key, old + lines, if_version=version)
             except Conflict:
-                continue  # another writer (a zombie attempt) appended meanwhile: reread
+                got = self.store.read(key)  # another writer of this attempt appended meanwhile
+                tail = (seq, b"", CREATE_ONLY) if got is None else (seq, got[0], got[1])
+                continue
+            self._progress_tail[(trial_index, attempt)] = (seq, old + lines, new_version)
+            return
         raise SweepError(
-            f"could not append to {self.store.where(key)}: {_APPEND_TRIES} concurrent updates in a row"
+            f"could not append to {self.store.where(_progress_key(trial_index, attempt, tail[0]))}: "
+            f"{_APPEND_TRIES} concurrent updates in a row"
         )
 
+    def _find_progress_tail(self, trial_index: int, attempt: int) -> tuple[int, bytes, object]:
+        """(seq, bytes, version) of the attempt's last segment, or a new first one; one list + one read."""
+        prefix = _trial_key(trial_index, f"progress/{attempt:06d}-")
+        keys = self.store.list(prefix)
+        if not keys:
+            return 0, b"", CREATE_ONLY
+        last = keys[-1]
+        seq = int(last[len(prefix) :].split(".")[0])
+        got = self.store.read(last)
+        return (seq, b"", CREATE_ONLY) if got is None else (seq, got[0], got[1])
+
     def progress(self, trial_index: int) -> list[dict[str, Any]]:
-        """Every progress record of trial ``trial_index`` (all attempts, each tagged with its attempt)."""
-        got = self.store.read(_trial_key(trial_index, "progress.jsonl"))
-        if got is None:
-            return []
-        return [json.loads(line) for line in got[0].splitlines() if line.strip()]
+        """Every progress record of trial ``trial_index`` (all attempts, each tagged with its attempt).
+
+        A line that is not a JSON object is skipped (progress is advisory; one bad line must
+        not hide the rest of the curve).
+        """
+        keys = self.store.list(_trial_key(trial_index, "progress/"))
+        legacy = _trial_key(trial_index, "progress.jsonl")  # experiments from before segments
+        records: list[dict[str, Any]] = []
+        for key in [legacy, *keys]:
+            got = self.store.read(key)
+            if got is None:
+                continue
+            for line in got[0].splitlines():
+                try:
+                    record = json.loads(line)
+                except (UnicodeDecodeError, ValueError):
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
 
     # -------------------- Section 4: Status -------------------------------------------
 
@@ -388,25 +485,40 @@ class Experiment:
         with self._lock, self._leased(worker_id) as lease:
             try:
                 snap = self._load()
-                now = self.store.now()
-                changes = self._sync(snap, now)
-                result = self._pick(snap, worker_id, now)
+                changes = self._sync(snap, self.store.now())
+                result = self._pick(snap, worker_id)
                 if changes or result.claim is not None:
                     self._save(snap, lease)
             except BaseException:
                 self._cache = None  # it may hold uncommitted changes
                 raise
             if result.claim is not None:
-                self._write_claim_file(result.claim, now)
+                self._write_claim_file(result.claim, snap, lease)
             return result
 
     @contextmanager
     def _leased(self, worker_id: str) -> Iterator[LeaseHandle]:
         lease = Lease(self.store, LEASE_KEY, ttl_s=self.lease_ttl_s, owner=f"{worker_id}@{default_owner()}")
-        handle = lease.acquire(timeout_s=self.lease_timeout_s)
+        waited = time.monotonic()
+        while True:
+            try:
+                handle = lease.acquire(timeout_s=self.lease_timeout_s)
+                break
+            except LeaseTimeout:
+                # Keep waiting: a holder lets go (or is cut off) within lease_max_hold_s + TTL.
+                log.warning(
+                    "%s: still waiting for the lease after %.0fs (%s); every claim holds it at most "
+                    "%.0fs + %.0fs TTL",
+                    worker_id,
+                    time.monotonic() - waited,
+                    lease.describe_holder(),
+                    self.lease_max_hold_s,
+                    self.lease_ttl_s,
+                )
         try:
-            # A BoTorch fit can outlast a short TTL; renewing keeps the lease ours meanwhile.
-            handle.start_keepalive()
+            # A BoTorch fit can outlast a short TTL; renewing keeps the lease ours meanwhile, but
+            # only for lease_max_hold_s: after that the claim is aborted at its next check().
+            handle.start_keepalive(max_hold_s=self.lease_max_hold_s)
             yield handle
         finally:
             handle.release()
@@ -435,20 +547,29 @@ class Experiment:
         snap.version = self.store.write(SNAPSHOT_KEY, data, if_version=snap.version)
         snap.size = len(data)
 
-    def _pick(self, snap: _Snapshot, worker_id: str, now: float) -> ClaimResult:
+    def _pick(self, snap: _Snapshot, worker_id: str) -> ClaimResult:
         from sweep import ax_client
 
         ledger, budget = snap.ledger, self.space.budget.trials
         queued = ledger.next_queued()
         if queued is not None:
-            Ledger.hand_out(queued, worker_id, now)
+            Ledger.hand_out(queued, worker_id, self.store.now())
             return ClaimResult(self._claim_for(queued, is_requeue=True), finished=False)
         exhausted = ""
         if len(ledger.trials) < budget:
             made = ax_client.generate(snap.client)
             if isinstance(made, ax_client.Generated):
+                params = self.space.active_parameters(made.params)
+                # Store time *after* generation: a slow BoTorch fit must not count against the
+                # new attempt's heartbeat grace (it has not even started).
                 record = ledger.add(
-                    made.index, self.space.active_parameters(made.params), made.node, worker_id, now
+                    made.index,
+                    params,
+                    made.node,
+                    worker_id,
+                    self.store.now(),
+                    overrides=list(self.space.overrides(params)),
+                    entrypoint=self.space.trial.entrypoint,
                 )
                 return ClaimResult(self._claim_for(record, is_requeue=False), finished=False)
             if isinstance(made, ax_client.Wait):
@@ -468,37 +589,79 @@ class Experiment:
 
     def _claim_for(self, record: TrialRecord, *, is_requeue: bool) -> Claim:
         prefix = _trial_key(record.index, "ckpt/")
+        # Frozen at the first claim; recomputed only for trials of ledgers that predate freezing.
+        overrides = record.overrides if record.overrides is not None else self.space.overrides(record.params)
         return Claim(
             trial_index=record.index,
             attempt=record.attempt,
             params=dict(record.params),
-            overrides=tuple(self.space.overrides(record.params)),
+            overrides=tuple(overrides),
             ckpt_prefix=prefix,
             is_requeue=is_requeue,
             worker=str(record.worker),
             phase=record.phase,
             checkpoint_uri=_external_location(self.store, prefix),
+            entrypoint=record.entrypoint or self.space.trial.entrypoint,
         )
 
-    def _write_claim_file(self, claim: Claim, now: float) -> None:
-        body = {
-            "worker": claim.worker,
-            "attempt": claim.attempt,
-            "claimed_at": now,
-            "params": claim.params,
-            "overrides": list(claim.overrides),
-            "phase": claim.phase,
-            "ckpt_prefix": claim.ckpt_prefix,
-        }
-        self.store.write(_trial_key(claim.trial_index, "claim.json"), json.dumps(body).encode("utf-8"))
+    def _write_claim_file(self, claim: Claim, snap: _Snapshot, lease: LeaseHandle) -> None:
+        """Write trials/<i>/claim.json for ``claim``, fenced: it only ever moves to a later attempt.
+
+        The snapshot CAS already committed the hand-out, but a claimer frozen between that and
+        this write (SIGSTOP, a VM pause) may wake after its successor requeued the trial and
+        wrote a later attempt's claim. So the write is a CAS on the version read here, and it is
+        refused (LeaseLost: the claim starts over) when the stored claim is of a later attempt or
+        a later lease epoch. Every claim file also carries the epoch of the lease it was made under.
+        """
+        key = _trial_key(claim.trial_index, "claim.json")
+        body = json.dumps(
+            {
+                "worker": claim.worker,
+                "attempt": claim.attempt,
+                "epoch": lease.epoch,
+                "claimed_at": snap.ledger.trials[claim.trial_index].claimed_at,
+                "params": claim.params,
+                "overrides": list(claim.overrides),
+                "entrypoint": claim.entrypoint,
+                "phase": claim.phase,
+                "ckpt_prefix": claim.ckpt_prefix,
+            }
+        ).encode("utf-8")
+        for _ in range(_APPEND_TRIES):
+            got = self.store.read(key)
+            version: object = CREATE_ONLY
+            if got is not None:
+                data, version = got
+                if data == body:
+                    return  # our own write, whose response was lost
+                stored = _parse_claim(data)
+                if (stored.get("attempt", 0), stored.get("epoch", 0)) >= (claim.attempt, lease.epoch):
+                    self._cache = None  # our committed hand-out was superseded: reread next time
+                    raise LeaseLost(
+                        f"{self.store.where(key)} already holds attempt {stored.get('attempt')} "
+                        f"(lease epoch {stored.get('epoch')}); this claim of attempt {claim.attempt} "
+                        f"(epoch {lease.epoch}) is stale"
+                    )
+            try:
+                self.store.write(key, body, if_version=version)
+                return
+            except Conflict:
+                continue  # a successor wrote meanwhile: look at what it wrote
+        raise SweepError(f"could not write {self.store.where(key)}: {_APPEND_TRIES} concurrent updates in a row")
 
     def _read_claim(self, trial_index: int) -> dict[str, Any]:
-        got = self.store.read_json(_trial_key(trial_index, "claim.json"))
+        got = self.store.read(_trial_key(trial_index, "claim.json"))
         if got is None:
             raise ResultError(
                 f"trial {trial_index} of '{self.name}' was never claimed; only a claimed trial can report or heartbeat"
             )
-        return got[0]
+        claim = _parse_claim(got[0])
+        if "attempt" not in claim:
+            raise ResultError(
+                f"{self.store.where(_trial_key(trial_index, 'claim.json'))} is unreadable; "
+                "it is rewritten by the trial's next claim"
+            )
+        return claim
 
     # -------------------- Section 6: Private: ingestion and requeue -------------------
 
@@ -514,7 +677,7 @@ class Experiment:
     def _ingest_trial(self, snap: _Snapshot, record: TrialRecord, changes: _Changes) -> None:
         from sweep import ax_client
 
-        metric, max_attempts = self.space.objective.metric, self.space.trial.max_attempts
+        metric = self.space.objective.metric
         for attempt in range(1, record.attempt + 1):
             if attempt in record.ingested:
                 continue
@@ -539,7 +702,9 @@ class Experiment:
             elif record.state == RUNNING and attempt == record.attempt:
                 # Preempted or an infrastructure failure of the live attempt; one of an
                 # attempt already superseded changes nothing.
-                self._retry_or_fail(snap, record, reason, max_attempts, changes)
+                self._retry_or_fail(
+                    snap, record, reason, changes, preempted=result.get("status") == "preempted"
+                )
 
     def _check_alive(self, snap: _Snapshot, record: TrialRecord, now: float, changes: _Changes) -> None:
         stat = self.store.stat(_trial_key(record.index, f"heartbeat-{record.attempt}"))
@@ -549,15 +714,17 @@ class Experiment:
             return
         what = "last heartbeat" if stat is not None else "claimed and never heartbeated"
         reason = f"worker {record.worker!r} went silent ({what} {silent:.0f}s ago, attempt {record.attempt})"
-        self._retry_or_fail(snap, record, reason, self.space.trial.max_attempts, changes)
+        self._retry_or_fail(snap, record, reason, changes)
 
-    @staticmethod
     def _retry_or_fail(
-        snap: _Snapshot, record: TrialRecord, reason: str, max_attempts: int, changes: _Changes
+        self, snap: _Snapshot, record: TrialRecord, reason: str, changes: _Changes, *, preempted: bool = False
     ) -> None:
         from sweep import ax_client
 
-        if Ledger.retry_or_fail(record, reason, max_attempts):
+        settings = self.space.trial
+        if Ledger.retry_or_fail(
+            record, reason, settings.max_attempts, preempted=preempted, max_preemptions=settings.max_preemptions
+        ):
             changes.requeued.append(record.index)  # Ax keeps it RUNNING: still pending, same arm
         else:
             ax_client.fail(snap.client, record.index, record.reason)
@@ -615,12 +782,34 @@ def _trial_key(index: int, leaf: str) -> str:
     return f"trials/{index}/{leaf}"
 
 
+def _progress_key(index: int, attempt: int, seq: int) -> str:
+    # Zero-padded so that the store's sorted listing is (attempt, seq) order.
+    return _trial_key(index, f"progress/{attempt:06d}-{seq:06d}.jsonl")
+
+
 def _external_location(store: Store, prefix: str) -> str | None:
     if isinstance(store, MemoryStore):
         return None
     if isinstance(store, LocalStore):
         return str(store.root.joinpath(*prefix.strip("/").split("/")))
     return store.where(prefix)
+
+
+def _parse_claim(data: bytes) -> dict[str, Any]:
+    """claim.json as a dict with int ``attempt``/``epoch`` (absent if garbled; epoch 0 if from before fencing)."""
+    try:
+        claim = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(claim, dict) or not _is_int(claim.get("attempt")):
+        return {}
+    if not _is_int(claim.get("epoch")):
+        claim["epoch"] = 0
+    return claim
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _records(progress: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:

@@ -174,7 +174,7 @@ def _trial_table(trials: Sequence[dict[str, Any]], space: Any, metric: str) -> s
             f'<td class="num">{t["trial"]}</td>',
             f"<td>{_e(t['phase'])}</td>",
             f"<td>{_chip(t['state'])}</td>",
-            f'<td class="num">{t["attempts"]}</td>',
+            f'<td class="num">{t["attempts"]}{_preempted(t)}</td>',
             *(f'<td class="num">{_e(_value(params[n])) if n in params else "&ndash;"}</td>' for n in names),
             f'<td class="num">{_e(_loss(t.get(metric), t.get(metric + "_sem")))}{_estimate(t, metric)}</td>',
             f'<td class="num">{_e(_stage_step(t))}</td>',
@@ -205,3 +205,9 @@ def _value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _preempted(trial: dict) -> str:
+    """How many of the trial's attempts were preemptions (their own budget, trial.max_preemptions)."""
+    n = trial.get("preemptions") or 0
+    return f" ({n} preempted)" if n else ""

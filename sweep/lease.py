@@ -238,6 +238,8 @@ class LeaseHandle:
         self._lost: LeaseLost | None = None
         self._keepalive: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hold_deadline: float | None = None  # monotonic; set by start_keepalive(max_hold_s=...)
+        self._max_hold_s: float | None = None
 
     @property
     def owner(self) -> str:
@@ -288,24 +290,39 @@ class LeaseHandle:
             if self._released:
                 return False
             self._released = True
+            if self._lost is not None:
+                return False  # taken over, or given up after max_hold_s (and deleted then)
             try:
                 self.lease.store.delete(self.lease.key, if_version=self.version)
             except Conflict:
                 return False
             return True
 
-    def start_keepalive(self, interval_s: float | None = None) -> None:
+    def start_keepalive(self, interval_s: float | None = None, max_hold_s: float | None = None) -> None:
         """Renew in a daemon thread every ``interval_s`` (default ttl/3) until release.
 
         If a renewal finds the lease lost, the thread stops and every later
-        ``check``/``renew`` raises LeaseLost.
+        ``check``/``renew`` raises LeaseLost. With ``max_hold_s``, renewal is
+        bounded: once the lease has been held that long (by this process's
+        monotonic clock) the handle counts as lost -- ``check``/``renew`` raise,
+        so the holder aborts before its next side effect -- and the lease object
+        is deleted (conditionally on our version) so waiters need not sit out the
+        TTL. A holder deadlocked in a library or hung on I/O thus blocks the
+        others for at most ``max_hold_s``, however long it stays alive.
         """
         interval = self.lease.ttl_s / 3 if interval_s is None else interval_s
         if self._keepalive is not None:
             return
+        if max_hold_s is not None:
+            self._max_hold_s = max_hold_s
+            self._hold_deadline = time.monotonic() + max_hold_s
+            interval = min(interval, max(max_hold_s, 0.01))
 
         def run() -> None:
             while not self._stop.wait(interval):
+                if self._held_too_long():
+                    self._give_up_hold()
+                    return
                 try:
                     self.renew()
                 except LeaseLost:
@@ -318,7 +335,25 @@ class LeaseHandle:
         self._keepalive = threading.Thread(target=run, name=f"lease-keepalive-{self.lease.key}", daemon=True)
         self._keepalive.start()
 
+    def _held_too_long(self) -> bool:
+        return self._hold_deadline is not None and time.monotonic() >= self._hold_deadline
+
+    def _give_up_hold(self) -> None:
+        with self._lock:
+            if self._released or self._lost is not None:
+                return
+            self._lost = LeaseLost(
+                f"lease {self._where()} (epoch {self.epoch}) was held by {self.owner!r} for longer than "
+                f"max_hold_s={self._max_hold_s:.0f}s; it was given up and this holder's work aborted"
+            )
+            try:
+                self.lease.store.delete(self.lease.key, if_version=self.version)
+            except StoreError:
+                pass  # taken over already, or the store is unreachable: it then expires by its TTL
+
     def _raise_if_done(self) -> None:
+        if self._lost is None and self._held_too_long():
+            self._give_up_hold()
         if self._lost is not None:
             raise self._lost
         if self._released:

@@ -12,9 +12,15 @@ lets ``sweep status`` read the book with ``json.loads`` alone, without Ax.
 Trial states::
 
     running --result completed/diverged/failed(final)--> completed | failed | early_stopped
-    running --stale heartbeat, preempted, infrastructure failure--> queued   (attempt < max)
-                                                                 \\-> failed  (attempt == max)
-    queued  --claimed again (same index, same params, attempt + 1)--> running
+    running --stale heartbeat, infrastructure failure--> queued   (failed attempts < max_attempts)
+                                                     \\-> failed  (failed attempts == max_attempts)
+    running --preempted--> queued   (preemptions <= max_preemptions; they do not use up max_attempts)
+                       \\-> failed  (one preemption too many)
+    queued  --claimed again (same index, same params, same overrides, attempt + 1)--> running
+
+A trial's Hydra overrides and entrypoint are frozen in its record when it is
+first claimed, so every attempt runs exactly the configuration the first one
+did, whatever happens to the space later.
 
 This module is pure bookkeeping (no store, no Ax), so every transition is a
 small unit-testable function.
@@ -55,6 +61,10 @@ class TrialRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     reason: str = ""  # why it failed, or why it was last requeued
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per ended attempt
+    preemptions: int = 0  # attempts that ended preempted (not counted against max_attempts)
+    # Frozen at the first claim (None only in ledgers written before they were recorded).
+    overrides: list[str] | None = None
+    entrypoint: str | None = None
 
     @property
     def active(self) -> bool:
@@ -124,7 +134,17 @@ class Ledger:
 
     # -------------------- Transitions --------------------------------------------------
 
-    def add(self, index: int, params: dict[str, Any], node: str, worker: str, now: float) -> TrialRecord:
+    def add(
+        self,
+        index: int,
+        params: dict[str, Any],
+        node: str,
+        worker: str,
+        now: float,
+        *,
+        overrides: list[str] | None = None,
+        entrypoint: str | None = None,
+    ) -> TrialRecord:
         if index in self.trials:
             raise ValueError(f"trial {index} is already in the ledger")
         record = TrialRecord(
@@ -135,6 +155,8 @@ class Ledger:
             attempt=1,
             worker=worker,
             claimed_at=now,
+            overrides=None if overrides is None else list(overrides),
+            entrypoint=entrypoint,
         )
         self.trials[index] = record
         return record
@@ -152,18 +174,39 @@ class Ledger:
         )
 
     @staticmethod
-    def retry_or_fail(record: TrialRecord, reason: str, max_attempts: int) -> bool:
+    def retry_or_fail(
+        record: TrialRecord,
+        reason: str,
+        max_attempts: int,
+        *,
+        preempted: bool = False,
+        max_preemptions: int = 20,
+    ) -> bool:
         """End the current attempt for an infrastructure ``reason``; True if the trial is queued again.
 
-        The attempt budget is ``max_attempts`` hand-outs in all; once spent the
-        trial fails, keeping the last reason.
+        Two budgets: ``max_attempts`` failed attempts (crashes, silence) and,
+        apart from them, ``max_preemptions`` preemptions -- a spot VM taken away
+        is not the trial's fault, so it must not use up the failure budget.
         """
         record.end_attempt(record.attempt, reason)
-        if record.attempt < max_attempts:
+        if preempted:
+            record.preemptions += 1
+            if record.preemptions <= max_preemptions:
+                record.state, record.reason = QUEUED, reason
+                return True
+            record.state = FAILED
+            record.reason = (
+                f"{reason} (gave up after {record.preemptions} preemptions; "
+                f"raise trial.max_preemptions ({max_preemptions}) to allow more)"
+            )
+            return False
+        failed = record.attempt - record.preemptions  # every hand-out so far has ended
+        if failed < max_attempts:
             record.state, record.reason = QUEUED, reason
             return True
         record.state = FAILED
-        record.reason = f"{reason} (gave up after {record.attempt} attempts)"
+        also = f", after {record.preemptions} preemptions" if record.preemptions else ""
+        record.reason = f"{reason} (gave up after {failed} attempts{also})"
         return False
 
     @staticmethod

@@ -253,7 +253,7 @@ def status_table(view: SweepView, *, sort_by_loss: bool = False, title: str | No
             str(r.index),
             r.phase,
             state,
-            str(r.attempt),
+            str(r.attempt) + (f" ({r.preemptions}p)" if r.preemptions else ""),
             r.worker or "-",
             r.description,
             step,
@@ -279,6 +279,9 @@ def header(view: SweepView) -> Text:
     for state in ("running", "queued", "completed", "early_stopped", "failed"):
         text.append(" · ")
         text.append(f"{state.replace('_', '-')} {counts.get(state, 0)}", style=STATE_STYLE[state])
+    if status.preemptions:
+        # Their own budget (trial.max_preemptions): a preempted attempt resumes from its checkpoint.
+        text.append(f" · preemptions {status.preemptions}", style="yellow")
     text.append("\n")
     best = status.best
     if best is not None:
@@ -444,6 +447,7 @@ def trial_record(detail: TrialDetail, metric: str) -> dict[str, Any]:
         "phase": r.phase,
         "state": r.state,
         "attempts": r.attempt,
+        "preemptions": r.preemptions,
         "worker": r.worker,
         "params": dict(r.params),
         metric: r.loss,
@@ -477,6 +481,7 @@ def _csv_rows(
         "phase",
         "state",
         "attempts",
+        "preemptions",
         "worker",
         *(f"param.{p}" for p in params),
         metric,

@@ -17,7 +17,7 @@ field, e.g. ``parameters.stage2_lr.low: must be > 0 for log scale, got 0``::
       initial_k: {type: choice, values: [0.05, 0.1], override: stage1_9.saliency.initial_k,
                   only_if: {saliency: true}}
       # also {type: int, low, high, log} and {type: fixed, value: X, override: ...}
-    trial: {max_attempts: 3, heartbeat_s: 30, grace_s: 120}
+    trial: {max_attempts: 3, max_preemptions: 20, heartbeat_s: 30, grace_s: 120}
     early_stopping: null                # or {percentile: 50, min_progression: 50, min_curves: 5}
     tracking: {wandb: false, project: bitnet-sweep, entity: null}   # W&B run per trial when wandb: true
 
@@ -129,7 +129,9 @@ def default_sobol_trials(trials: int, searched: int) -> int:
 
 @dataclass(frozen=True)
 class TrialSettings:
-    max_attempts: int = 3
+    max_attempts: int = 3  # failed attempts (crash, silence) before the trial fails; preemptions apart
+    # Preemptions are not the trial's fault (spot GPUs): they get their own, generous budget.
+    max_preemptions: int = 20
     heartbeat_s: float = 30.0
     grace_s: float = 120.0
     # The module a worker runs as ``python -m <entrypoint> --out result.json -- <overrides>``:
@@ -344,6 +346,7 @@ class SearchSpace:
             "parameters": {p.name: p.to_dict() for p in self.parameters},
             "trial": {
                 "max_attempts": self.trial.max_attempts,
+                "max_preemptions": self.trial.max_preemptions,
                 "heartbeat_s": self.trial.heartbeat_s,
                 "grace_s": self.trial.grace_s,
                 "entrypoint": self.trial.entrypoint,
@@ -507,7 +510,9 @@ def _budget(raw: Any) -> Budget:
 
 
 def _trial(raw: Any) -> TrialSettings:
-    f = _fields(raw, "trial", required=(), allowed=("max_attempts", "heartbeat_s", "grace_s", "entrypoint"))
+    f = _fields(
+        raw, "trial", required=(), allowed=("max_attempts", "max_preemptions", "heartbeat_s", "grace_s", "entrypoint")
+    )
     default = TrialSettings()
     heartbeat = _number(f.get("heartbeat_s", default.heartbeat_s), "trial.heartbeat_s")
     if heartbeat <= 0:
@@ -517,6 +522,9 @@ def _trial(raw: Any) -> TrialSettings:
         raise SpaceError(f"trial.grace_s: must be >= 0, got {_show(grace)}")
     return TrialSettings(
         max_attempts=_int(f.get("max_attempts", default.max_attempts), "trial.max_attempts", minimum=1),
+        max_preemptions=_int(
+            f.get("max_preemptions", default.max_preemptions), "trial.max_preemptions", minimum=0
+        ),
         heartbeat_s=float(heartbeat),
         grace_s=float(grace),
         entrypoint=_entrypoint(f.get("entrypoint", default.entrypoint)),

@@ -36,6 +36,7 @@ class TrialRow:
     metrics: dict[str, Any] = field(default_factory=dict)  # everything the deciding result reported
     claimed_at: float | None = None  # store time of the current attempt's claim
     history: tuple[dict[str, Any], ...] = ()  # one entry per ended attempt (ledger)
+    preemptions: int = 0  # attempts that ended preempted (their own budget, trial.max_preemptions)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class ExperimentStatus:
         for row in self.rows:
             out[row.state] = out.get(row.state, 0) + 1
         return out
+
+    @property
+    def preemptions(self) -> int:
+        return sum(row.preemptions for row in self.rows)
 
     @property
     def best(self) -> TrialRow | None:
@@ -111,4 +116,5 @@ def _row(t: TrialRecord, space: SearchSpace, view: LiveView | None) -> TrialRow:
         metrics=dict(metrics),
         claimed_at=t.claimed_at,
         history=tuple(t.history),
+        preemptions=t.preemptions,
     )

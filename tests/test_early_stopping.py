@@ -105,7 +105,7 @@ def test_stopper_stops_the_worse_trial_and_spares_the_better_one(tmp_path):
     stopper.decide(worse.trial_index)
     assert exp.store.read("experiment.json") == after_claims
     assert exp.store.list("trials/4/") == [
-        f"trials/4/{leaf}" for leaf in ("claim.json", "heartbeat-1", "progress.jsonl")
+        f"trials/4/{leaf}" for leaf in ("claim.json", "heartbeat-1", "progress/000001-000000.jsonl")
     ]
 
 

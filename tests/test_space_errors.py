@@ -185,7 +185,7 @@ CASES = [
     ),
     ("trial", {"max_attempts": 0}, "trial.max_attempts: must be >= 1, got 0"),
     ("trial", {"heartbeat_s": 0}, "trial.heartbeat_s: must be > 0, got 0"),
-    ("trial", {"grace": 10}, "trial: unknown key 'grace'; allowed: max_attempts, heartbeat_s, grace_s, entrypoint"),
+    ("trial", {"grace": 10}, "trial: unknown key 'grace'; allowed: max_attempts, max_preemptions, heartbeat_s, grace_s, entrypoint"),
     (
         "early_stopping",
         {"percentile": 50, "min_progression": 5},
