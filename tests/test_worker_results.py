@@ -79,18 +79,25 @@ def test_malformed_results_fail_their_attempt_and_the_worker_goes_on(tmp_path: P
     assert [book.trials[i].state for i in range(4)] == ["failed", "failed", "failed", "completed"]
 
 
-def test_sweep_worker_cli_prints_no_traceback_for_a_malformed_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["worker", "run"])
+def test_cli_prints_no_traceback_for_a_malformed_result(tmp_path: Path, command: str) -> None:
+    name = f"cli_{command}"
     root = open_store(str(tmp_path / "sweeps"))
-    Experiment.init(root, load_space(scripted_space("cli_malformed", ["list", "good"], trials=2)))
+    Experiment.init(root, load_space(scripted_space(name, ["list", "good"], trials=2)))
     env = {**os.environ, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("SWEEP_STORE", None)
-    done = sweep("worker", "--store", str(tmp_path / "sweeps" / "cli_malformed"), "--worker-id", "w",
-                 "--workdir", "work", "--poll", "0.2", "--idle-timeout", "30", cwd=tmp_path, env=env,
+    store = str(tmp_path / "sweeps" / name)
+    if command == "worker":
+        args, worker = ["--worker-id", "w", "--idle-timeout", "30"], "w"
+    else:  # `sweep run` starts its workers as `sweep worker` subprocesses sharing its stdout/stderr
+        args, worker = ["--workers", "1"], "local-0"
+    done = sweep(command, "--store", store, "--workdir", "work", "--poll", "0.2", *args, cwd=tmp_path, env=env,
                  timeout_s=120)  # fmt: skip
     assert "Traceback" not in done.err and "Traceback" not in done.out, done.err
     assert done.rc == 0, (done.out, done.err)
-    assert "worker w: 2 trials (1 completed, 1 failed, 0 early-stopped); stopped: sweep finished" in done.out
+    summary = f"worker {worker}: 2 trials (1 completed, 1 failed, 0 early-stopped); stopped: sweep finished"
+    assert summary in done.out, done.out
     assert REASONS["list"] in done.err  # the worker says what was wrong, once, in its log
-    results = results_of(root.child("cli_malformed"), 0)
+    results = results_of(root.child(name), 0)
     assert results[1]["reason"] == REASONS["list"] and results[1]["infrastructure"] is False
