@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.api import compose_config  # noqa: E402
 from training.models import SMOLLM2_135M_SHAPE  # noqa: E402
-from training.runtime import resolve_device, resolve_dtype, seed_everything  # noqa: E402
+from training.precision import resolve_precision  # noqa: E402
+from training.runtime import resolve_device, seed_everything  # noqa: E402
 from training.stages import stage1_9 as s19  # noqa: E402
 from training.stages import stage2 as s2  # noqa: E402
 from training.stages import stage3 as s3  # noqa: E402
@@ -57,6 +58,7 @@ from training.stages.common import (  # noqa: E402
     maybe_compile,
     optimizer_for,
 )
+from training.stages.compute_setup import setup_compute  # noqa: E402
 from training.stages.trainer import LoopSpec, Trainer  # noqa: E402
 from training.testing import compare_gradient_cosine  # noqa: E402
 
@@ -170,11 +172,14 @@ def main() -> None:
         *(f"{s}.max_steps={steps_cfg}" for s in ("stage1_9", "stage2", "stage3")),
         *(f"{s}.batch_size={args.batch}" for s in ("stage1_9", "stage2", "stage3")), *args.override,
     ])  # fmt: skip
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    precision = resolve_precision(cfg.run.precision, device)
+    dtype = precision.param_dtype
     seed_everything(cfg.run.seed)
     teacher, tokenizer = _teacher(args, cfg, device, dtype)
     data = build_data(cfg, tokenizer)
     base = build_student(cfg, teacher).model
+    setup_compute(cfg, base, teacher, device, precision)  # as run_pipeline: run.precision, model.gemm
+    dtype = f"{precision.name}, {dtype}"
     load0 = os.getloadavg()
     print(f"{args.model} on {device} ({dtype}), {args.stage}, batch {args.batch}x{seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load {load0[0]:.1f}", flush=True)  # fmt: skip

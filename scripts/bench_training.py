@@ -56,9 +56,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.api import compose_config  # noqa: E402
-from training.bitnet.fp8 import configure_fp8  # noqa: E402
 from training.models import SMOLLM2_135M_SHAPE  # noqa: E402
-from training.runtime import resolve_device, resolve_dtype, seed_everything  # noqa: E402
+from training.precision import resolve_precision  # noqa: E402
+from training.runtime import resolve_device, seed_everything  # noqa: E402
 from training.stages import stage1_9 as s19  # noqa: E402
 from training.stages import stage2 as s2  # noqa: E402
 from training.stages.common import (  # noqa: E402
@@ -70,6 +70,7 @@ from training.stages.common import (  # noqa: E402
     maybe_compile,
     optimizer_for,
 )
+from training.stages.compute_setup import setup_compute  # noqa: E402
 from training.stages.trainer import LoopSpec, Trainer  # noqa: E402
 
 STAGES = ("stage1_9", "stage2")
@@ -125,8 +126,8 @@ def _overrides(args) -> list[str]:
         over += [f"stage1_9.batch_size={args.batch}", f"stage2.batch_size={args.batch}"]
     if args.seq_len is not None:
         over.append(f"data.seq_len={args.seq_len}")
-    if args.dtype is not None:
-        over.append(f"model.dtype={args.dtype}")
+    if args.precision is not None:
+        over.append(f"run.precision={args.precision}")
     if not args.stage2_lambda_warmup:
         # Stage 2 at lambda = 1: the regime after warmup (most of a real run). During warmup every new
         # lambda value recompiles a torch.compile'd student (see the doc), so compile would not be steady.
@@ -165,9 +166,9 @@ def build_variant(args, cfg, stage: str, compiled: bool, teacher, data, device) 
     cfg.run.compile = "true" if compiled else "false"
     student = build_student(cfg, teacher)
     model = student.model
-    # As run_pipeline prepares the student (both are no-ops at their defaults; single process, no FSDP).
+    # As run_pipeline prepares the student (single process, no FSDP): run.precision, model.gemm.
     enable_gradient_checkpointing(model, cfg)
-    configure_fp8(model, cfg.model.fp8, device, cfg.model.fp8_out_dtype)
+    setup_compute(cfg, model, teacher, device, resolve_precision(cfg.run.precision, device))
     fwd = maybe_compile(model, cfg, device)
     c = cfg[stage]
     opt, sched = optimizer_for(c, model)
@@ -336,9 +337,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (after warmup)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--chunk", type=int, default=2, help="steps a variant runs per turn")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the stage config's 8)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the stage configs' 32)")
     parser.add_argument("--seq-len", type=int, default=None, help="default: 128 (tiny), 512 (smollm2-135m)")
-    parser.add_argument("--dtype", default=None, help="model.dtype (default auto: fp32 CPU, bf16 CUDA)")
+    parser.add_argument(
+        "--precision", default=None, help="run.precision (default auto: fp32 CPU, bf16-mixed CUDA)"
+    )
     parser.add_argument("--tokenizer-vocab", type=int, default=2048, help="BPE vocab for smollm2-135m data")
     parser.add_argument(
         "--threads",
@@ -371,14 +374,15 @@ def main() -> None:
 
     load_start = os.getloadavg()
     cfg = compose_config(_overrides(args) + [f"run.device={device}"])
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    precision = resolve_precision(cfg.run.precision, device)
+    dtype = precision.param_dtype  # the teacher is loaded in it; setup_compute stores it as precision says
     seed_everything(cfg.run.seed)
     t0 = time.perf_counter()
     teacher, tokenizer = _teacher(args, cfg, device, dtype)
     data = build_data(cfg, tokenizer)
     n_params = sum(p.numel() for p in teacher.parameters())
     print(
-        f"model {args.model}: {n_params / 1e6:.2f}M params, {dtype}, device {device}"
+        f"model {args.model}: {n_params / 1e6:.2f}M params, {precision.name} (params {dtype}), device {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
         f"batch {cfg.stage2.batch_size}x{cfg.data.seq_len}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load avg {load_start[0]:.1f} (setup {time.perf_counter() - t0:.0f}s)",
@@ -433,6 +437,7 @@ def main() -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model_params": n_params,
         "dtype": str(dtype),
+        "precision": precision.name,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__,

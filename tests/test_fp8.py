@@ -18,7 +18,7 @@ from training.bitnet import BitLinear, LambdaController
 from training.bitnet.fp8 import (
     E4M3,
     activation_codes,
-    configure_fp8,
+    emulated_fast_accum_linear,
     emulated_fp8_linear,
     enable_fp8,
     fp8_bitlinear,
@@ -27,6 +27,7 @@ from training.bitnet.fp8 import (
     weight_codes,
 )
 from training.bitnet.functional import bitlinear_forward
+from training.bitnet.gemm import CodeGemm, configure_gemm
 
 F32_EPS = 2.0**-23  # twice fp32's unit roundoff
 BF16_U = 2.0**-8  # bf16 unit roundoff: 8 significant bits, round to nearest
@@ -155,11 +156,16 @@ def test_regular_matmul_where_operands_are_not_on_a_grid():
         layer(x), bitlinear_forward(x, layer.weight, layer.bias, lam=1.0, quantize_activations=False)
     )
     layer.quantize_activations = True
+    # Under autocast (run.precision=bf16-mixed) the FP8 path runs on the float32 codes, bf16 output.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = layer(x)
+    assert auto.dtype == torch.bfloat16
+    exact = reference_linear(x, layer.weight) + layer.bias
+    slack = BF16_U * exact.abs() + 1e-5
+    assert torch.all((auto.float() - exact).abs() <= fp8_error_bound(x, layer.weight) + slack)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = bitlinear_forward(x, layer.weight, layer.bias, lam=1.0)
-    assert torch.equal(auto, ref)
+        regular = bitlinear_forward(x, layer.weight, layer.bias, lam=1.0)
+    assert not torch.equal(auto, regular)  # the FP8 GEMM ran, not the regular bf16 matmul
 
 
 def test_saliency_protected_columns_keep_the_regular_matmul():
@@ -178,43 +184,61 @@ def test_saliency_protected_columns_keep_the_regular_matmul():
 def test_layers_whose_sizes_scaled_mm_cannot_take_stay_regular():
     model = torch.nn.Sequential(BitLinear(64, 48), BitLinear(48, 20), torch.nn.Linear(16, 16))
     assert enable_fp8(model, torch.bfloat16) == (1, 2)
-    assert model[0].fp8_out_dtype == torch.bfloat16 and model[1].fp8_out_dtype is None
+    assert model[0].gemm == CodeGemm("fp8", torch.bfloat16, False) and model[1].gemm is None
 
 
-def test_configure_fp8_modes_on_cpu(caplog):
+def test_configure_gemm_fp8_refuses_without_hopper_and_bf16_is_the_regular_matmul(caplog):
     model = torch.nn.Sequential(BitLinear(64, 48))
     cpu = torch.device("cpu")
+    enable_fp8(model)
     with caplog.at_level(logging.INFO, logger="training"):
-        assert configure_fp8(model, "off", cpu) == 0
-        assert caplog.records == []
-        assert configure_fp8(model, "auto", cpu) == 0
-    assert [r.getMessage() for r in caplog.records] == [
-        "model.fp8=auto: FP8 GEMM unavailable (the device is cpu, not a CUDA GPU); "
-        "BitLinear uses the regular matmul"
-    ]
-    assert model[0].fp8_out_dtype is None
+        assert configure_gemm(model, "bf16", cpu) == "bf16"
+    assert caplog.records == [] and model[0].gemm is None
     with pytest.raises(ValueError) as info:
-        configure_fp8(model, "on", cpu)
+        configure_gemm(model, "fp8", cpu)
     assert str(info.value) == (
-        "model.fp8: 'on' needs CUDA compute capability >= 9.0 but the device is cpu, not a CUDA GPU; "
-        "use model.fp8=auto (falls back to the regular matmul) or off"
+        "model.gemm: 'fp8' needs CUDA compute capability >= 9.0 but the device is cpu, not a CUDA GPU; "
+        "use model.gemm=auto (falls back to the regular matmul) or bf16"
     )
+    assert model[0].gemm is None
 
 
 def test_fp8_config_keys(tiny_overrides, tmp_path):
     from training.api import compose_config, run_stage2
     from training.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^model.fp8: got 'yes', allowed: off, auto, on$"):
-        compose_config([*tiny_overrides, "model.fp8=yes"])
+    with pytest.raises(ConfigError, match=r"^model.gemm: got 'yes', allowed: auto, bf16, int8, fp8$"):
+        compose_config([*tiny_overrides, "model.gemm=yes"])
     with pytest.raises(
         ConfigError, match=r"^model.fp8_out_dtype: got 'float16', allowed: bfloat16, float32$"
     ):
         compose_config([*tiny_overrides, "model.fp8_out_dtype=float16"])
-    # The pipeline applies the key: 'on' without a Hopper GPU stops before training, naming the fix.
-    cfg = compose_config([*tiny_overrides, "model.fp8=on", "stage2.max_steps=1", f"run.out_dir={tmp_path}"])
-    with pytest.raises(ValueError, match=r"^model.fp8: 'on' needs CUDA compute capability >= 9.0"):
+    # The pipeline applies the key: fp8 without a Hopper GPU stops before training, naming the fix.
+    cfg = compose_config([*tiny_overrides, "model.gemm=fp8", "stage2.max_steps=1", f"run.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"^model.gemm: 'fp8' needs CUDA compute capability >= 9.0"):
         run_stage2(cfg)
+
+
+def test_fast_accum_passes_through_and_its_modelled_error_is_within_the_14_bit_bound():
+    """``use_fast_accum`` reaches ``torch._scaled_mm`` (the CPU kernel ignores it: same result), and the
+    14-bit accumulator model differs from exact e4m3 sums by at most 2^-14 per k-block addition."""
+    x, w = _data("gaussian", k=576)
+    slow = fp8_bitlinear(x, w, None, out_dtype=torch.float32)
+    fast = fp8_bitlinear(x, w, None, out_dtype=torch.float32, fast_accum=True)
+    assert torch.equal(slow, fast)
+    layer = BitLinear(576, 96, bias=False)
+    enable_fp8(layer, torch.float32, fast_accum=True)
+    assert layer.gemm.fp8_fast_accum is True
+    exact_e4m3 = emulated_fp8_linear(x, w)
+    modelled = emulated_fast_accum_linear(x, w)
+    a, s_x = activation_codes(x)
+    t, s_w = weight_codes(w)
+    magnitude = (a.abs() @ t.abs().t()) * (s_w / s_x)
+    blocks = 576 // 32
+    assert torch.all((modelled - exact_e4m3).abs() <= blocks * 2.0**-14 * magnitude + 1e-6)
+    # With this few products per output the running sums stay small: the model finds the error tiny.
+    rel = ((modelled - exact_e4m3).pow(2).mean() / exact_e4m3.pow(2).mean()).sqrt().item()
+    assert rel < 2.0**-12, rel
 
 
 def test_bench_script_without_a_hopper_gpu_prints_one_line_and_exits_0():

@@ -41,7 +41,7 @@ def test_stage_selector():
         ("stage3.loss.temperature=0", "stage3.loss.temperature: must be > 0, got 0"),
         ("stage3.loss.attention_weight=-1", "stage3.loss.attention_weight: must be >= 0, got -1"),
         ("stage3.loss.gamma=1", "unknown config key 'stage3.loss.gamma'"),
-        ("stage3.auto_batch_size=maybe", "bad value in override 'stage3.auto_batch_size=maybe'"),
+        ("stage3.auto_batch_size=maybe", "stage3.auto_batch_size: got 'maybe', allowed: auto, true, false"),
     ],
 )
 def test_bad_stage3_overrides_give_one_line(override, message):

@@ -61,7 +61,6 @@ def _one_line(exc: BaseException) -> str:
 
 _CHOICES = {
     "data.source": ("builtin", "files", "hf"),
-    "model.dtype": ("auto", "bfloat16", "float32", "float16"),
     "stage1_9.optimizer.name": ("adamw", "muon", "muonclip", "apollo"),
     "stage2.optimizer.name": ("adamw", "muon", "muonclip", "apollo"),
     "stage1_9.optimizer.schedule": ("cosine", "linear", "constant"),
@@ -75,7 +74,8 @@ _CHOICES = {
     "run.compile_mode": ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
     "run.wandb.mode": ("auto", "offline", "online", "disabled"),
     "run.distributed": ("auto", "none", "fsdp"),
-    "model.fp8": ("off", "auto", "on"),
+    "model.gemm": ("auto", "bf16", "int8", "fp8"),
+    "run.precision": ("auto", "bf16-mixed", "bf16-pure", "fp32"),
     "model.fp8_out_dtype": ("bfloat16", "float32"),
 }
 
@@ -93,6 +93,12 @@ def validate_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"{stage}.{key}: must be >= {0 if key == 'max_steps' else 1}, got {s[key]}")
         if not s.optimizer.lr > 0:
             raise ConfigError(f"{stage}.optimizer.lr: must be > 0, got {s.optimizer.lr}")
+        if str(s.auto_batch_size).lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"{stage}.auto_batch_size: got {s.auto_batch_size!r}, allowed: auto, true, false")
+        if s.auto_batch_memory_gb is not None and not s.auto_batch_memory_gb > 0:
+            raise ConfigError(f"{stage}.auto_batch_memory_gb: must be > 0 GiB (or null), got {s.auto_batch_memory_gb}")
+    if not 0.0 < cfg.run.memory_fraction <= 1.0:
+        raise ConfigError(f"run.memory_fraction: must be in (0, 1], got {cfg.run.memory_fraction}")
     a = cfg.stage1_9.loss.lm_loss_weight
     if not 0.0 <= a <= 1.0:
         raise ConfigError(f"stage1_9.loss.lm_loss_weight: must be in [0, 1], got {a}")

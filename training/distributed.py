@@ -108,7 +108,7 @@ def validate_distributed_config(cfg: Any, world_size: int | None = None) -> None
                 f"{stage}.batch_size: {s.batch_size} is not divisible by the {world} processes; "
                 f"use a multiple of {world} (each rank trains on batch_size/{world} of every batch)"
             )
-        if s.get("auto_batch_size", False):
+        if str(s.get("auto_batch_size", "false")).lower() == "true":  # auto: off under FSDP
             raise ValueError(
                 f"{stage}.auto_batch_size: not supported with several processes (an OOM probe on one "
                 "rank would desynchronise the others); set it to false and give batch_size"
@@ -268,8 +268,13 @@ def uniform_param_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     )
 
 
-def shard_model(model: nn.Module, ctx: DistContext, *, dtype: torch.dtype) -> nn.Module:
+def shard_model(
+    model: nn.Module, ctx: DistContext, *, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` per decoder layer, then the root; a no-op in one process.
+
+    ``dtype``: the parameters' (sharded, master) dtype. ``compute_dtype`` (run.precision=bf16-mixed):
+    the dtype FSDP unshards them to for forward/backward, gradients reduced in float32.
 
     Call it after the BitLinear conversion and any HF gradient checkpointing, before building the
     optimizer and before torch.compile. Returns ``model`` (the same object).
@@ -283,7 +288,9 @@ def shard_model(model: nn.Module, ctx: DistContext, *, dtype: torch.dtype) -> nn
 
     uniform_param_dtype(model, dtype)
     mesh = init_device_mesh("cuda" if ctx.backend == "nccl" else "cpu", (ctx.world_size,))
-    if dtype in (torch.bfloat16, torch.float16):
+    if compute_dtype is not None and compute_dtype != dtype:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    elif dtype in (torch.bfloat16, torch.float16):
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()

@@ -1,4 +1,4 @@
-"""Process-level plumbing shared by every stage: device and dtype choice, seeding, RNG capture,
+"""Process-level plumbing shared by every stage: device choice, seeding, RNG capture,
 and the stop flag that turns SIGTERM (spot preemption) into a checkpoint instead of a lost trial."""
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import torch
 
 log = logging.getLogger("training")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,18 +22,6 @@ def resolve_device(name: str) -> torch.device:
             f"run.device: {name!r} requested but CUDA is not available; use run.device=cpu or auto"
         )
     return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bfloat16 on accelerators; float32 on CPU, where bf16 matmul is ~10x slower (measured here)."""
-    if name == "auto":
-        if device.type == "cpu":
-            log.info("model.dtype=auto on CPU: training in float32 (bfloat16 is the accelerator default)")
-            return torch.float32
-        return torch.bfloat16
-    if name not in _DTYPES:
-        raise ValueError(f"model.dtype: got {name!r}, allowed: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def seed_everything(seed: int) -> None:

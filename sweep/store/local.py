@@ -26,12 +26,25 @@ it holds whichever root a process opened the store at.
 Time. ``Stat.updated`` is the data file's mtime and :meth:`LocalStore.now` is
 the mtime of a freshly touched probe file, both stamped by the filesystem
 (the kernel, or the file server on NFS) -- never ``time.time()`` of a worker.
+
+Stray temp files. A writer killed between writing ``.sweep-tmp-<version>`` (or
+its sidecar's) and renaming it leaves the file behind. :meth:`LocalStore.list`
+(in every directory it walks) and every write (in its own directory) delete
+those whose mtime is more than ``stale_tmp_s`` (1 h) older than the filesystem
+clock. A live writer holds its temp file for the milliseconds between write,
+fsync and rename, and does so under the directory's lock, so a temp file an hour
+old belongs to a dead writer. The margin, rather than the lock alone, is what
+keeps this safe where flock is not shared between hosts (NFS mounted with
+``local_lock=flock``). Even a writer frozen (SIGSTOP, VM pause) for longer than
+the margin loses nothing: its rename then fails and its write raises, which
+leaves the store as a crash there would.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import uuid
@@ -54,6 +67,10 @@ _META_DIR = RESERVED_PREFIX + "meta"
 _LOCK_FILE = RESERVED_PREFIX + "lock"
 _CLOCK_FILE = RESERVED_PREFIX + "clock"
 _TMP_PREFIX = RESERVED_PREFIX + "tmp-"
+# Age after which a temp file is a dead writer's (see the module docstring).
+STALE_TMP_S = 3600.0
+
+log = logging.getLogger("sweep.store")
 
 
 def _fingerprint(st: os.stat_result) -> list[int]:
@@ -93,9 +110,12 @@ class LocalStore(Store):
     dead) process can hold one that long, because flock dies with its holder.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, lock_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, lock_timeout_s: float = 120.0, stale_tmp_s: float = STALE_TMP_S
+    ) -> None:
         self.root = Path(os.path.abspath(root))
         self.lock_timeout_s = lock_timeout_s
+        self.stale_tmp_s = stale_tmp_s
         self.uri = f"file://{self.root}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -219,6 +239,7 @@ class LocalStore(Store):
                 meta_tmp.unlink(missing_ok=True)
             _fsync_dir(path.parent)
             _fsync_dir(meta_dir)
+            self._remove_stale_tmp(path.parent, os.listdir(path.parent))
         return version
 
     def delete(self, key: str, if_version: str | None = None) -> None:
@@ -242,6 +263,7 @@ class LocalStore(Store):
         start = self.root.joinpath(*head.split("/")) if head else self.root
         keys = []
         for dirpath, dirnames, filenames in os.walk(start):
+            self._remove_stale_tmp(Path(dirpath), filenames, has_meta=_META_DIR in dirnames)
             dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             base = "" if rel == "." else rel + "/"
@@ -269,15 +291,49 @@ class LocalStore(Store):
         except OSError as err:
             raise StoreError(f"cannot read the filesystem clock via {probe}: {err}") from err
 
+    def _remove_stale_tmp(self, directory: Path, names: list[str], *, has_meta: bool | None = None) -> None:
+        """Delete the temp files of dead writers in ``directory`` and its sidecar folder (module doc).
+
+        Best effort: a store on a read-only mount, or a file another process removed first, is
+        left as it is -- stray temp files are never listed, so they cost only disk space.
+        """
+        candidates = [directory / n for n in names if n.startswith(_TMP_PREFIX)]
+        meta = directory / _META_DIR
+        if has_meta is None:
+            has_meta = _META_DIR in names
+        if has_meta:
+            try:
+                candidates += [meta / n for n in os.listdir(meta) if n.startswith(_TMP_PREFIX)]
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        if not candidates:
+            return
+        try:
+            cutoff = self.now() - self.stale_tmp_s
+        except StoreError as err:
+            log.debug("not removing stray temp files in %s: %s", directory, err)
+            return
+        for path in candidates:
+            try:
+                if path.stat().st_mtime_ns / 1e9 < cutoff:
+                    path.unlink()
+                    log.info("removed %s, a temp file left by a writer that died before renaming it", path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                log.debug("could not remove stray temp file %s: %s", path, err)
+
     def child(self, prefix: str) -> LocalStore:
-        return LocalStore(self._path(prefix.strip("/")), lock_timeout_s=self.lock_timeout_s)
+        return LocalStore(
+            self._path(prefix.strip("/")), lock_timeout_s=self.lock_timeout_s, stale_tmp_s=self.stale_tmp_s
+        )
 
     def __reduce__(self) -> tuple:
-        return (_reopen, (str(self.root), self.lock_timeout_s))
+        return (_reopen, (str(self.root), self.lock_timeout_s, self.stale_tmp_s))
 
 
-def _reopen(root: str, lock_timeout_s: float) -> LocalStore:
-    return LocalStore(root, lock_timeout_s=lock_timeout_s)
+def _reopen(root: str, lock_timeout_s: float, stale_tmp_s: float = STALE_TMP_S) -> LocalStore:
+    return LocalStore(root, lock_timeout_s=lock_timeout_s, stale_tmp_s=stale_tmp_s)
 
 
 def _read_fd(fd: int, size_hint: int) -> bytes:

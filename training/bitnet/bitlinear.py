@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .fp8 import fp8_bitlinear
 from .functional import bitlinear_forward, quantized_weight
+from .gemm import CodeGemm, code_gemm_bitlinear
 from .schedule import LambdaController
 
 
@@ -48,8 +48,8 @@ class BitLinear(nn.Linear):
         self.lambda_ctrl = lambda_ctrl
         self.quantize_activations = bool(quantize_activations)
         self.eps = float(eps)
-        # Output dtype of the FP8 forward GEMM when enabled (training.bitnet.fp8.configure_fp8), else None.
-        self.fp8_out_dtype: torch.dtype | None = None
+        # The int8/fp8 forward GEMM at lambda = 1 (training.bitnet.gemm.configure_gemm); None: regular matmul.
+        self.gemm: CodeGemm | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> BitLinear:
@@ -98,9 +98,9 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam, protected = self.lam, self.protected_columns()
-        if self.fp8_out_dtype is not None and lam == 1.0 and self.quantize_activations and protected is None:
-            # Both operands are on grids (int8 codes, ternary codes): the e4m3 GEMM path of fp8.py.
-            return fp8_bitlinear(x, self.weight, self.bias, eps=self.eps, out_dtype=self.fp8_out_dtype)
+        if self.gemm is not None and lam == 1.0 and self.quantize_activations and protected is None:
+            # Both operands are on grids (int8 codes, ternary codes): the int8 / e4m3 GEMM of gemm.py.
+            return code_gemm_bitlinear(x, self.weight, self.bias, eps=self.eps, gemm=self.gemm)
         return bitlinear_forward(
             x,
             self.weight,

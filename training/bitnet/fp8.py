@@ -1,8 +1,9 @@
 """FP8 (e4m3) GEMM for BitLinear's forward on Hopper and later GPUs (compute capability >= 9.0).
 
-``model.fp8``: ``off`` (default), ``auto`` (on where supported, else one log line and the regular
-matmul), ``on`` (a ValueError where unsupported). ``model.fp8_out_dtype``: ``bfloat16`` (the
-notebook's faster choice) or ``float32``. FP8 is used for compute only: master weights, gradients,
+Selected with ``model.gemm=fp8`` (training/bitnet/gemm.py: refuses to start where unsupported);
+``model.gemm=auto`` picks the exact int8 GEMM instead (int8.py). ``model.fp8_out_dtype``: ``bfloat16``
+(the notebook's faster choice) or ``float32``. ``model.fp8_fast_accum`` (below). FP8 is used for
+compute only: master weights, gradients,
 optimizer state and the activations between layers keep their dtype; only BitLinear's forward GEMM
 changes, so embeddings, norms and lm_head (never BitLinear) are untouched.
 
@@ -16,6 +17,17 @@ so the FP8 path feeds ``torch._scaled_mm`` the integer codes A and T in e4m3 wit
 scales 1/s_x (per token) and s_w (broadcast per output row), and accumulates in fp32
 (``use_fast_accum=False``: the sum of K products of integers is exact in fp32 while it stays below
 2^24, i.e. for any K up to 2^24 / 128 = 131072).
+
+``model.fp8_fast_accum=true`` passes ``use_fast_accum=True`` (the notebook's "bf16 accumulation", 1.10x
+on an H100 PCIe for SmolLM2-135M Stage 2, same final loss). Hopper's FP8 tensor cores then keep the
+running sum in their own accumulator without promoting it to fp32 every few k-blocks; DeepSeek-V3
+(arXiv:2412.19437, section 3.3.2) measured that accumulator at about 14 significant bits. On
+integer codes that means: every partial sum below 2^14 = 16384 is still exact, larger ones are
+rounded to 14 bits (2^-14 relative per addition). For SmolLM2's K = 576 a partial sum reaches at most
+128 * 576 = 73728 (all codes at the maximum and all weights of one sign), typically a few thousand,
+so the extra error is zero or of order 2^-14; ``emulated_fast_accum_linear`` models it (14-bit
+rounding of the running sum after each 32-wide k-block) and scripts/bench_fp8.py reports both the
+emulated and, on a GPU, the measured error (docs/benchmarks.md).
 
 Error analysis (the part that is not free). T is exact in e4m3. A is not: e4m3 has 3 mantissa
 bits, so it holds the integers 0..16 exactly, then every 2nd up to 32, every 4th up to 64 and every
@@ -39,27 +51,29 @@ scripts/bench_fp8.py measures both.
 
 Where FP8 is not used (the regular matmul runs): lambda < 1 (the operands are then not on a grid),
 ``quantize_activations=False``, saliency-protected columns, autocast regions, and layers whose
-in/out features are not multiples of 16 (``torch._scaled_mm``'s requirement).
+in/out features are not multiples of 16 (``torch._scaled_mm``'s requirement). Autocast
+(``run.precision=bf16-mixed``) is supported: the codes come from the float32 values and the output is
+cast to the autocast dtype (gemm.py).
 """
 
 from __future__ import annotations
-
-import logging
-import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 from .quant import ACT_QMAX, ACT_QMIN, absmean_scale, activation_scale
 
-log = logging.getLogger("training")
-
-FP8_MODES = ("off", "auto", "on")
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 # e4m3 holds every integer in [-16, 16] exactly; int8 codes beyond that are rounded (see above).
 E4M3_EXACT_INT = 16
+# Significant bits of Hopper's FP8 accumulator without fp32 promotion (DeepSeek-V3, section 3.3.2).
+FAST_ACCUM_BITS = 14
+FAST_ACCUM_BLOCK = 32  # k-width of one FP8 WGMMA instruction
+
+
+def fp8_shape_ok(in_features: int, out_features: int) -> bool:
+    return in_features % 16 == 0 and out_features % 16 == 0
 
 
 def fp8_unavailable_reason(device: torch.device) -> str | None:
@@ -76,65 +90,33 @@ def fp8_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def enable_fp8(model: torch.nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """Switch every eligible BitLinear of ``model`` to the FP8 forward; returns (switched, total).
+def fp8_bitlinear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """BitLinear's lambda = 1 forward (quantised activations, no protected columns) with the FP8 GEMM
+    and BitLinear's straight-through backward (gemm.code_gemm_bitlinear)."""
+    from .gemm import CodeGemm, code_gemm_bitlinear
 
-    No hardware check (tests use it on CPU, where ``torch._scaled_mm`` also runs); ``configure_fp8``
-    is the config-driven entry point.
-    """
-    from .bitlinear import bitlinear_modules
+    return code_gemm_bitlinear(x, weight, bias, eps=eps, gemm=CodeGemm("fp8", out_dtype, fast_accum))
+
+
+def enable_fp8(
+    model: torch.nn.Module, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False
+) -> tuple[int, int]:
+    """Switch every eligible BitLinear of ``model`` to the FP8 forward; returns (switched, total).
+    No hardware check (tests use it on CPU, where ``torch._scaled_mm`` also runs); the config entry
+    point is ``gemm.configure_gemm``."""
+    from .gemm import CodeGemm, enable_code_gemm
 
     if out_dtype not in OUT_DTYPES.values():
         raise ValueError(f"model.fp8_out_dtype: got {out_dtype}, allowed: {', '.join(OUT_DTYPES)}")
-    layers = list(bitlinear_modules(model))
-    on = 0
-    for layer in layers:
-        if layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
-            layer.fp8_out_dtype = out_dtype
-            on += 1
-    return on, len(layers)
-
-
-def disable_fp8(model: torch.nn.Module) -> None:
-    from .bitlinear import bitlinear_modules
-
-    for layer in bitlinear_modules(model):
-        layer.fp8_out_dtype = None
-
-
-def configure_fp8(
-    model: torch.nn.Module, mode: str, device: torch.device, out_dtype: str = "bfloat16"
-) -> int:
-    """Apply ``model.fp8`` (off | auto | on); returns how many BitLinear layers use the FP8 GEMM.
-
-    ``auto`` where unsupported logs one line saying what it fell back to; ``on`` raises instead.
-    """
-    if mode not in FP8_MODES:
-        raise ValueError(f"model.fp8: got {mode!r}, allowed: {', '.join(FP8_MODES)}")
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"model.fp8_out_dtype: got {out_dtype!r}, allowed: {', '.join(OUT_DTYPES)}")
-    if mode == "off":
-        disable_fp8(model)
-        return 0
-    reason = fp8_unavailable_reason(device)
-    if reason is not None:
-        if mode == "on":
-            raise ValueError(
-                f"model.fp8: 'on' needs CUDA compute capability >= 9.0 but {reason}; "
-                "use model.fp8=auto (falls back to the regular matmul) or off"
-            )
-        log.info("model.fp8=auto: FP8 GEMM unavailable (%s); BitLinear uses the regular matmul", reason)
-        disable_fp8(model)
-        return 0
-    on, total = enable_fp8(model, OUT_DTYPES[out_dtype])
-    log.info(
-        "FP8 GEMM on for %d of %d BitLinear forwards at lambda=1 (e4m3 codes, row-wise scales, %s output, "
-        "fp32 accumulation); backward, embeddings, norms and lm_head unchanged",
-        on,
-        total,
-        out_dtype,
-    )
-    return on
+    return enable_code_gemm(model, CodeGemm("fp8", out_dtype, fast_accum))
 
 
 # -- the GEMM -------------------------------------------------------------------------------------
@@ -158,8 +140,10 @@ def scaled_mm_codes(
     t_codes: torch.Tensor,
     s_w: torch.Tensor,
     out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``(fp8(A) @ T^T) * s_w / s_x`` through ``torch._scaled_mm``; A is [M, K], T is [N, K], inv_sx [M, 1].
+    ``fast_accum``: ``use_fast_accum`` (see the module doc; the CPU kernel ignores it).
 
     ``bfloat16``: the scales are applied in the GEMM's epilogue (row-wise scaling). ``float32``: unit
     tensor-wise scales, fp32 output (exact integer sums), scales applied after in fp32; row-wise
@@ -175,99 +159,13 @@ def scaled_mm_codes(
             scale_a=inv_sx.to(torch.float32).reshape(-1, 1).contiguous(),
             scale_b=s_w.to(torch.float32).reshape(1, 1).expand(1, n).contiguous(),
             out_dtype=torch.bfloat16,
-            use_fast_accum=False,
+            use_fast_accum=fast_accum,
         )
     one = torch.ones((), dtype=torch.float32, device=a8.device)
     out = torch._scaled_mm(
-        a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=False
+        a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast_accum
     )
     return out.mul_(inv_sx.to(torch.float32).reshape(-1, 1)).mul_(s_w.to(torch.float32))
-
-
-class _CodeCache(threading.local):
-    """One-entry memo of the last input's codes (q/k/v and gate/up share one input), keyed by the
-    tensor's identity and version; weak references only, like functional._InputQuantCache."""
-
-    def __init__(self) -> None:
-        self.x_ref = self.codes_ref = self.scale_ref = self.key = None
-
-    def get(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling() or x.is_inference():
-            return activation_codes(x, eps)
-        key = (x._version, eps)
-        if self.x_ref is not None and self.x_ref() is x and self.key == key:
-            codes, scale = self.codes_ref(), self.scale_ref()
-            if codes is not None and scale is not None:
-                return codes, scale
-        codes, scale = activation_codes(x, eps)
-        self.x_ref, self.codes_ref, self.scale_ref, self.key = (
-            weakref.ref(x),
-            weakref.ref(codes),
-            weakref.ref(scale),
-            key,
-        )
-        return codes, scale
-
-
-_code_cache = _CodeCache()
-
-
-class _FP8BitLinear(torch.autograd.Function):
-    """Forward: the FP8 GEMM above. Backward: BitLinear's straight-through backward with the exact
-    int8-grid ``x_q`` (rebuilt from the saved int8 codes: 1 byte per element instead of x's 2 or 4)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, out_dtype):
-        with torch.no_grad():
-            codes, scale = _code_cache.get(x.detach(), eps)
-            t_codes, s_w = weight_codes(weight, eps)
-            k = x.shape[-1]
-            y = scaled_mm_codes(
-                codes.reshape(-1, k), scale.reshape(-1, 1).reciprocal(), t_codes, s_w, out_dtype
-            )
-            y = y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
-            if bias is not None:
-                y = y + bias
-        ctx.save_for_backward(codes.to(torch.int8), scale, weight)
-        ctx.eps, ctx.x_dtype, ctx.has_bias = eps, x.dtype, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from .functional import quantized_weight
-
-        codes, scale, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w_q = quantized_weight(weight, lam=1.0, eps=ctx.eps)
-            grad_x = grad_out @ w_q
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            g2d = grad_out.reshape(-1, grad_out.shape[-1])
-            if ctx.needs_input_grad[1]:
-                x_q = codes.to(scale.dtype).div_(scale).to(ctx.x_dtype)
-                grad_w = g2d.t() @ x_q.reshape(-1, x_q.shape[-1])
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = g2d.sum(0)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def fp8_bitlinear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    eps: float = 1e-5,
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """BitLinear's lambda = 1 forward (quantised activations, no protected columns) with the FP8 GEMM.
-
-    Under autocast it returns the regular path (a custom Function's backward would see mixed dtypes).
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        from .functional import bitlinear_forward
-
-        return bitlinear_forward(x, weight, bias, lam=1.0, quantize_activations=True, eps=eps)
-    return _FP8BitLinear.apply(x, weight, bias, eps, out_dtype)
 
 
 def emulated_fp8_linear(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -293,3 +191,27 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -
     codes, scale = activation_codes(x.float(), eps)
     t_codes, s_w = weight_codes(weight, eps)
     return F.linear(codes / scale, t_codes * s_w)
+
+
+def emulated_fast_accum_linear(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, bits: int = FAST_ACCUM_BITS
+) -> torch.Tensor:
+    """A model of ``use_fast_accum=True``: the e4m3 codes' products summed exactly within each
+    ``FAST_ACCUM_BLOCK``-wide k-block, the running sum over blocks rounded to ``bits`` significant
+    bits after every addition (float32 result, then the scales). A model of the hardware, not the
+    hardware: the GPU measurement is scripts/bench_fp8.py's."""
+    codes, scale = activation_codes(x.float(), eps)
+    t_codes, s_w = weight_codes(weight, eps)
+    a = codes.to(E4M3).to(torch.float64).reshape(-1, codes.shape[-1])
+    t = t_codes.to(torch.float64)
+    acc = torch.zeros(a.shape[0], t.shape[0], dtype=torch.float64)
+    for k0 in range(0, a.shape[1], FAST_ACCUM_BLOCK):
+        acc = _round_significant(acc + a[:, k0 : k0 + FAST_ACCUM_BLOCK] @ t[:, k0 : k0 + FAST_ACCUM_BLOCK].t(), bits)
+    out = acc.to(torch.float32).reshape(*codes.shape[:-1], t.shape[0])
+    return out * (s_w / scale)
+
+
+def _round_significant(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round to ``bits`` significant binary digits (round half to even), elementwise."""
+    mant, exp = torch.frexp(v)  # v = mant * 2^exp, 0.5 <= |mant| < 1
+    return torch.ldexp(torch.round(torch.ldexp(mant, torch.full_like(exp, bits))), exp - bits)

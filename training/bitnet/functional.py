@@ -15,8 +15,11 @@ autograd Function: the quantisers run outside autograd (no graph nodes, no saved
 interpolation is ``torch.lerp`` (exact at lam == 1, so the weights are exactly ternary there, where
 ``w + (Q(w) - w)`` can be off by one ulp), projections fed the same tensor share one quantised input
 (``_InputQuantCache``), and backward is the two matmuls of a linear layer, recomputing ``w_q`` rather
-than keeping it alive from forward. Under autocast it falls back to the reference, since a custom Function's
-backward would see mixed dtypes.
+than keeping it alive from forward. Under autocast (``run.precision=bf16-mixed``: float32 master
+weights) the quantisers still run on the float32 values (the ternary codes and the absmean scale come
+from the master weight, not from a bf16 copy of it), and only the GEMM operands ``x_q``/``w_q`` are cast to
+the autocast dtype, as autocast's own ``F.linear`` would cast them; the gradients come out in that dtype
+and autograd casts them to the parameters' float32.
 """
 
 from __future__ import annotations
@@ -81,19 +84,24 @@ class _InputQuantCache(threading.local):
     def __init__(self) -> None:
         self.x_ref = self.xq_ref = self.key = None
 
-    def get(self, x: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
+    def get(self, x: torch.Tensor, lam: float, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``quantized_input(x)``, cast to ``dtype`` when given (the autocast GEMM dtype)."""
         # Skipped under torch.compile (graphs fuse the quantiser anyway) and for inference-mode tensors,
         # which carry no version counter to key on.
         if torch.compiler.is_compiling() or x.is_inference():
-            return quantized_input(x, lam=lam, eps=eps)
-        key = (x._version, lam, eps)
+            return _cast(quantized_input(x, lam=lam, eps=eps), dtype)
+        key = (x._version, lam, eps, dtype)
         if self.x_ref is not None and self.x_ref() is x and self.key == key:
             x_q = self.xq_ref()
             if x_q is not None:
                 return x_q
-        x_q = quantized_input(x, lam=lam, eps=eps)
+        x_q = _cast(quantized_input(x, lam=lam, eps=eps), dtype)
         self.x_ref, self.xq_ref, self.key = weakref.ref(x), weakref.ref(x_q), key
         return x_q
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 _input_cache = _InputQuantCache()
@@ -105,15 +113,18 @@ class _BitLinearSTE(torch.autograd.Function):
     Saves ``x_q`` and the weight itself (not ``w_q``): backward recomputes ``w_q``, one weight-sized
     elementwise pass, instead of holding an unsharded weight-sized copy per layer from forward to
     backward (under FSDP that copy would undo the sharding).
+
+    ``compute_dtype`` (autocast): ``x_q`` arrives in it; ``w_q`` and the bias are cast to it after
+    quantising the full-precision weight, and the GEMMs of both passes run in it.
     """
 
     @staticmethod
-    def forward(ctx, x, x_q, weight, bias, lam, eps, protected):
-        w_q = quantized_weight(weight, lam=lam, eps=eps, protected=protected)
+    def forward(ctx, x, x_q, weight, bias, lam, eps, protected, compute_dtype=None):
+        w_q = _cast(quantized_weight(weight, lam=lam, eps=eps, protected=protected), compute_dtype)
         ctx.save_for_backward(x_q, weight)
-        ctx.lam, ctx.eps, ctx.protected = lam, eps, protected
+        ctx.lam, ctx.eps, ctx.protected, ctx.compute_dtype = lam, eps, protected, compute_dtype
         ctx.has_bias = bias is not None
-        return F.linear(x_q, w_q, bias)
+        return F.linear(x_q, w_q, _cast(bias, compute_dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -121,14 +132,14 @@ class _BitLinearSTE(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             w_q = quantized_weight(weight, lam=ctx.lam, eps=ctx.eps, protected=ctx.protected)
-            grad_x = grad_out @ w_q
+            grad_x = grad_out @ _cast(w_q, ctx.compute_dtype)
         if ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3]):
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
             if ctx.needs_input_grad[2]:
                 grad_w = g2d.t() @ x_q.reshape(-1, x_q.shape[-1])
             if ctx.has_bias and ctx.needs_input_grad[3]:
                 grad_b = g2d.sum(0)
-        return grad_x, None, grad_w, grad_b, None, None, None
+        return grad_x, None, grad_w, grad_b, None, None, None, None
 
 
 def bitlinear_forward(
@@ -147,10 +158,19 @@ def bitlinear_forward(
     """
     if lam == 0.0:
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type):
-        return bitlinear_reference(
-            x, weight, bias, lam=lam, quantize_activations=quantize_activations, eps=eps, protected=protected
-        )
-    with torch.no_grad():
-        x_q = _input_cache.get(x, lam, eps) if quantize_activations else x.detach()
-    return _BitLinearSTE.apply(x, x_q, weight, bias, lam, eps, protected)
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        with torch.no_grad():
+            x_q = _input_cache.get(x, lam, eps) if quantize_activations else x.detach()
+        return _BitLinearSTE.apply(x, x_q, weight, bias, lam, eps, protected)
+    # Autocast: the quantisers and the Function run with autocast off, on explicit dtypes.
+    with torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad():
+            x_q = _input_cache.get(x, lam, eps, dtype) if quantize_activations else _cast(x.detach(), dtype)
+        return _BitLinearSTE.apply(x, x_q, weight, bias, lam, eps, protected, dtype)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device type, or None outside autocast."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None

@@ -40,15 +40,16 @@ class ModelConfig:
     name: str = MISSING
     # Hub name or local directory of a Hugging Face causal LM; null selects the tiny teacher.
     pretrained: str | None = None
-    # "auto": bfloat16 on accelerators, float32 on CPU (bf16 matmul is ~10x slower on CPUs here).
-    dtype: str = "auto"
     tiny: TinyConfig = field(default_factory=TinyConfig)
     # BitLinear activation quantisation (per-token absmax int8); off = weight-only ternary.
     quantize_activations: bool = True
-    # FP8 (e4m3) GEMM for BitLinear's forward at lambda = 1 (training/bitnet/fp8.py): off | auto (on
-    # where CUDA compute capability >= 9.0, else one log line) | on (error where unsupported).
-    fp8: str = "off"
+    # BitLinear's forward GEMM at lambda = 1 (training/bitnet/gemm.py): auto (the exact int8 GEMM on CUDA,
+    # else the regular matmul, one log line) | bf16 (regular matmul) | int8 | fp8 (refuse to start where
+    # the device lacks them).
+    gemm: str = "auto"
     fp8_out_dtype: str = "bfloat16"  # bfloat16 | float32: the FP8 GEMM's output
+    # torch._scaled_mm(use_fast_accum=True): the notebook's faster "bf16 accumulation" (fp8.py: its error).
+    fp8_fast_accum: bool = False
 
 
 @dataclass
@@ -121,18 +122,25 @@ class StageConfig:
     log_every: int = 10
     # Search the largest micro-batch that fits in memory, keeping batch_size * grad_accum as the
     # effective batch (training/batch_size.py); batch_size is then the search's starting point.
-    auto_batch_size: bool = False
+    # auto: on for CUDA (single process), off on CPU; also true / false.
+    auto_batch_size: str = "auto"
+    # The search's memory target in GiB of peak allocation per step (CUDA); null: run.memory_fraction
+    # of the GPU's memory. GPU presets (gpu=...) set it from the notebook's table.
+    auto_batch_memory_gb: float | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
 @dataclass
 class Stage19Config(StageConfig):
+    # The notebook's effective batch (its Stage 1.9 / Stage 2 runs used 32 sequences per step).
+    batch_size: int = 32
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
 
 @dataclass
 class Stage2Config(StageConfig):
+    batch_size: int = 32  # the notebook's effective batch, as Stage 1.9
     lambda_warmup: LambdaWarmupConfig = field(default_factory=LambdaWarmupConfig)
 
 
@@ -188,6 +196,13 @@ class WandbConfig:
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Weights/optimizer state vs compute dtype (training/precision.py): auto (bf16-mixed on CUDA, fp32 on
+    # CPU) | bf16-mixed (fp32 master weights and optimizer state, bf16 autocast) | bf16-pure | fp32.
+    precision: str = "auto"
+    # Auto batch size's default memory target: this fraction of the GPU's total memory.
+    memory_fraction: float = 0.85
+    # The GPU preset a gpu=<name> config group applied (training/conf/gpu/); informational.
+    gpu_preset: str | None = None
     # torch.compile the student: auto = on for CUDA, off on CPU (compile minutes dwarf tiny runs);
     # also true / false. CUDA-graph modes need gradient_checkpointing (training/config.py says why).
     compile: str = "auto"

@@ -23,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from training.batch_size import fit_trainer_micro_batch
 from training.bitnet import bitlinear_modules
-from training.bitnet.fp8 import configure_fp8
 from training.checkpoint import CheckpointManager
 from training.distributed import model_state_dict, setup_distributed, shard_model
+from training.precision import note_resume_across_modes, resolve_precision
 from training.results import PipelineResult, StageResult
-from training.runtime import resolve_device, resolve_dtype, seed_everything
+from training.runtime import resolve_device, seed_everything
 from training.stages import stage1_9 as s19
 from training.stages import stage2 as s2
 from training.stages import stage3 as s3
@@ -40,6 +40,12 @@ from training.stages.common import (
     maybe_compile,
     optimizer_for,
     steady_forward,
+)
+from training.stages.compute_setup import (
+    auto_batch_enabled,
+    memory_target_bytes,
+    prepare_teacher,
+    setup_compute,
 )
 from training.stages.trainer import LoopSpec, Trainer, evaluate_lm
 from training.tracking import MetricsLogger
@@ -60,7 +66,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     # Under torchrun: join the process group, one GPU per rank (training/distributed.py).
     dctx = setup_distributed(cfg.run.distributed, resolve_device(cfg.run.device))
     device = dctx.place(resolve_device(cfg.run.device))
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    precision = resolve_precision(cfg.run.precision, device)
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,13 +91,17 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     if resume_stage == "final":
         return PipelineResult.from_dict(state["pipeline_result"])
 
-    teacher, tokenizer = load_teacher(cfg, device, dtype)
+    # Loaded in the student's master dtype (the copy is exact); setup_compute then stores the frozen
+    # teacher in its own dtype (bf16 under bf16-mixed).
+    teacher, tokenizer = load_teacher(cfg, device, precision.param_dtype)
     data = build_data(cfg, tokenizer)
     student = build_student(cfg, teacher)
     model = student.model
     enable_gradient_checkpointing(model, cfg)
-    configure_fp8(model, cfg.model.fp8, device, cfg.model.fp8_out_dtype)
-    shard_model(model, dctx, dtype=dtype)  # FSDP2 under torchrun; a no-op in one process
+    setup_compute(cfg, model, teacher, device, precision)  # run.precision, model.gemm
+    note_resume_across_modes(state, model, precision)
+    # FSDP2 under torchrun (a no-op in one process); bf16-mixed: float32 shards, bf16 unsharded compute.
+    shard_model(model, dctx, dtype=precision.param_dtype, compute_dtype=precision.autocast_dtype)
     fwd = maybe_compile(model, cfg, device)
     runs = stages_to_run(cfg)
     start = STAGES.index(resume_stage) if resume_stage in STAGES else 0
@@ -130,7 +140,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             metrics=metrics,
             checkpoints=ckpts,
         )
-        _auto_batch(trainer, c19)
+        _auto_batch(trainer, c19, cfg, dctx.enabled)
         if resume_stage == "stage1_9":
             trainer.load_state_dict(state)
         loop = trainer.fit()
@@ -167,7 +177,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             checkpoint_extra=lambda: {"earlier_stages": earlier},
             global_step_offset=offsets["stage2"],
         )
-        _auto_batch(trainer, c2)
+        _auto_batch(trainer, c2, cfg, dctx.enabled)
         if resume_stage == "stage2":
             trainer.load_state_dict(state)
         else:
@@ -192,7 +202,8 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         if c3.init_checkpoint and resume_stage != "stage3":
             s3.load_init_checkpoint(model, c3.init_checkpoint)
         if teacher is None or c3.teacher:
-            teacher = s3.load_stage3_teacher(cfg, device, dtype, model)
+            teacher = s3.load_stage3_teacher(cfg, device, precision.teacher_dtype, model)
+            prepare_teacher(teacher, device, precision)  # bf16-mixed: the same autocast as the student
         loss3 = s3.make_loss_fn(cfg, model, teacher, fwd)
         opt, sched = optimizer_for(c3, model)
         earlier3 = {k: asdict(v) for k, v in result.stages.items()}
@@ -209,7 +220,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             checkpoint_extra=lambda: {"earlier_stages": earlier3},
             global_step_offset=offsets["stage3"],
         )
-        _auto_batch(trainer, c3)
+        _auto_batch(trainer, c3, cfg, dctx.enabled)
         if resume_stage == "stage3":
             trainer.load_state_dict(state)
         else:
@@ -254,9 +265,16 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     return finish("completed")
 
 
-def _auto_batch(trainer: Trainer, c: DictConfig) -> None:
-    if c.auto_batch_size:
-        fit_trainer_micro_batch(trainer, c.batch_size * c.grad_accum, start=c.batch_size)
+def _auto_batch(trainer: Trainer, c: DictConfig, cfg: DictConfig, distributed: bool) -> None:
+    """``stageX.auto_batch_size`` (auto: on for one CUDA process): the largest micro-batch within the
+    memory target, grad accumulation keeping ``batch_size * grad_accum``."""
+    if auto_batch_enabled(c.auto_batch_size, trainer.device, distributed):
+        fit_trainer_micro_batch(
+            trainer,
+            c.batch_size * c.grad_accum,
+            start=c.batch_size,
+            memory_cap_bytes=memory_target_bytes(c, cfg.run, trainer.device),
+        )
 
 
 def _spec(stage: str, c: DictConfig, checkpoint_every: int) -> LoopSpec:
