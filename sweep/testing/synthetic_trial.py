@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 _STOP = {"signal": None}
@@ -162,9 +163,17 @@ class _Checkpoint:
 
     def write(self, step: int) -> None:
         if self.local:
+            # Temp file + rename: a kill (or a second attempt of the same trial writing here too) can
+            # never leave a torn state.json that the resume would fail to parse; the old one stays
+            # until the new one is complete. A unique temp name per writer keeps two writers apart.
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"step": step}))
-        else:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                tmp.write_text(json.dumps({"step": step}))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:  # one object upload: atomic on GCS
             self.fs.pipe_file(self.uri, json.dumps({"step": step}).encode())
 
 
