@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,11 +48,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sweep.lease import Lease, LeaseHandle, LeaseLost, LeaseTimeout, default_owner
-from sweep.ledger import RUNNING, Ledger, TrialRecord
-from sweep.results import FINAL, ResultError, classify, normalize_result, objective_value
+from sweep.ledger import REPLICATE, RUNNING, WARM_START, Ledger, TrialRecord
+from sweep.results import (
+    FINAL,
+    ResultError,
+    classify,
+    extra_objective_values,
+    normalize_result,
+    objective_value,
+)
 from sweep.space import SearchSpace, SpaceError, load_space
 from sweep.status import ExperimentStatus, LiveView, TrialRow, build_rows
 from sweep.store import CREATE_ONLY, Conflict, LocalStore, MemoryStore, Store
+from sweep.warm_start import warm_start_configs
 
 if TYPE_CHECKING:
     from ax import Client
@@ -145,9 +155,10 @@ class _Changes:
     ingested: list[tuple[int, int]] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    noise: bool = False  # the replicate-measured noise level was settled in this pass
 
     def __bool__(self) -> bool:
-        return bool(self.ingested or self.requeued or self.failed)
+        return bool(self.ingested or self.requeued or self.failed or self.noise)
 
 
 class Experiment:
@@ -214,9 +225,11 @@ class Experiment:
         )
         if store.stat(SNAPSHOT_KEY) is not None:
             raise exists
+        warm = warm_start_configs(space)  # one-line SpaceError before anything is written
         from sweep import ax_client  # seconds (torch); not needed to refuse an existing name
 
-        snapshot = ax_client.encode(ax_client.new_client(space), Ledger(space_yaml=space.to_yaml()))
+        ledger = Ledger(space_yaml=space.to_yaml(), warm_pending=warm)
+        snapshot = ax_client.encode(ax_client.new_client(space), ledger)
         try:
             # Create-only: of two concurrent inits exactly one wins, and only it writes space.yaml.
             store.write(SNAPSHOT_KEY, snapshot, if_version=CREATE_ONLY)
@@ -463,6 +476,10 @@ class Experiment:
             budget=self.space.budget.trials,
             rows=build_rows(ledger, self.space, live),
             snapshot_bytes=len(got[0]),
+            noise=self.space.objective.noise,
+            replicates=self.space.objective.replicates,
+            noise_sd=ledger.noise_sd,
+            noise_note=ledger.noise_note,
         )
 
     def client(self) -> Client:
@@ -555,8 +572,11 @@ class Experiment:
         if queued is not None:
             Ledger.hand_out(queued, worker_id, self.store.now())
             return ClaimResult(self._claim_for(queued, is_requeue=True), finished=False)
+        special = self._warm_start_or_replicate(snap, worker_id)
+        if special is not None:
+            return ClaimResult(self._claim_for(special, is_requeue=False), finished=False)
         exhausted = ""
-        if len(ledger.trials) < budget:
+        if ledger.budgeted() < budget:
             made = ax_client.generate(snap.client)
             if isinstance(made, ax_client.Generated):
                 params = self.space.active_parameters(made.params)
@@ -585,6 +605,57 @@ class Experiment:
         done = ", ".join(f"{ledger.count(s)} {s}" for s in ("completed", "failed", "early_stopped"))
         return ClaimResult(
             None, finished=True, reason=f"{exhausted}sweep finished: {len(ledger.trials)} trials ({done})"
+        )
+
+    def _warm_start_or_replicate(self, snap: _Snapshot, worker_id: str) -> TrialRecord | None:
+        """The next warm-start configuration, else the next noise replicate, as a new running trial.
+
+        Warm-start trials come first (they are the budget's first trials). Replicates re-run the
+        first trial with data.order_seed = 1..R (same parameters, same eval set, another order of
+        training batches); they are extra to budget.trials. Both are attached to Ax as manual
+        trials, so the model sees their results like any other (Sobol's count is unaffected).
+        """
+        from sweep import ax_client
+
+        ledger, space = snap.ledger, self.space
+        if ledger.warm_pending and ledger.budgeted() < space.budget.trials:
+            entry = ledger.warm_pending.pop(0)
+            params = space.active_parameters(entry["params"])
+            searched = {n: v for n, v in params.items() if space.parameter(n).type != "fixed"}
+            index = ax_client.attach(snap.client, searched)
+            record = ledger.add(
+                index,
+                params,
+                "WarmStart",
+                worker_id,
+                self.store.now(),
+                overrides=list(space.overrides(params)),
+                entrypoint=space.trial.entrypoint,
+                kind=WARM_START,
+            )
+            record.origin = str(entry.get("source", ""))
+            return record
+        objective = space.objective
+        if objective.noise != "replicates" or len(ledger.of_kind(REPLICATE)) >= objective.replicates:
+            return None
+        bases = [t for _, t in sorted(ledger.trials.items()) if t.kind != REPLICATE]
+        if not bases:
+            return None  # the first trial is not out yet: replicates re-run it
+        base = bases[0]
+        k = len(ledger.of_kind(REPLICATE)) + 1
+        base_overrides = base.overrides if base.overrides is not None else space.overrides(base.params)
+        overrides = [o for o in base_overrides if not o.lstrip("+").startswith("data.order_seed=")]
+        index = ax_client.attach(snap.client, ax_client.arm_parameters(snap.client, base.index))
+        return ledger.add(
+            index,
+            dict(base.params),
+            "Replicate",
+            worker_id,
+            self.store.now(),
+            overrides=[*overrides, f"data.order_seed={k}"],
+            entrypoint=base.entrypoint or space.trial.entrypoint,
+            kind=REPLICATE,
+            replicate_of=base.index,
         )
 
     def _claim_for(self, record: TrialRecord, *, is_requeue: bool) -> Claim:
@@ -672,7 +743,60 @@ class Experiment:
             self._ingest_trial(snap, record, changes)
             if record.state == RUNNING:
                 self._check_alive(snap, record, now, changes)
+        self._settle_noise(snap, changes)
         return changes
+
+    def _observation(self, ledger: Ledger, result: Mapping[str, Any]) -> tuple[float, float | None] | None:
+        """(mean, SEM) of the objective as Ax is told it, by ``objective.noise`` (sweep/space.py)."""
+        metric = self.space.objective.metric
+        value = objective_value(result, metric)
+        if value is None:
+            return None
+        mean, sem = value
+        noise = self.space.objective.noise
+        if noise == "eval_sem":
+            if sem is None:  # training.run_trial also reports it under its diagnostic name
+                alt = result.get("metrics", {}).get("eval_batch_sem")
+                ok = isinstance(alt, (int, float)) and not isinstance(alt, bool) and math.isfinite(alt)
+                sem = float(alt) if ok and alt >= 0 else None
+            return mean, sem
+        if noise == "replicates":
+            return mean, ledger.noise_sd  # None until measured; set_sem rewrites the earlier ones
+        return mean, None  # infer: Ax's model estimates the noise level itself
+
+    def _settle_noise(self, snap: _Snapshot, changes: _Changes) -> None:
+        """With noise: replicates, once the first trial and its replicates have all ended: their SD."""
+        from sweep import ax_client
+
+        ledger, objective = snap.ledger, self.space.objective
+        if objective.noise != "replicates" or ledger.noise_sd is not None or ledger.noise_note:
+            return
+        replicates = ledger.of_kind(REPLICATE)
+        if len(replicates) < objective.replicates:
+            return
+        group = [ledger.trials[replicates[0].replicate_of], *replicates]
+        if any(t.active for t in group):
+            return
+        values = [
+            float(t.metrics[objective.metric])
+            for t in group
+            if t.state == "completed" and isinstance(t.metrics.get(objective.metric), (int, float))
+        ]
+        changes.noise = True
+        if len(values) < 2:
+            ledger.noise_note = (
+                f"only {len(values)} of {len(group)} replicate runs completed: no noise estimate, Ax infers it"
+            )
+            return
+        sd = statistics.stdev(values)
+        if not sd > 0:
+            ledger.noise_note = f"the {len(values)} replicate runs were identical (SD 0): Ax infers the noise"
+            return
+        ledger.noise_sd = sd
+        ledger.noise_note = (
+            f"SD {sd:.4g} over {len(values)} runs of trial {group[0].index} with data.order_seed 0..{len(group) - 1}"
+        )
+        ax_client.set_sem(snap.client, objective.metric, sd)
 
     def _ingest_trial(self, snap: _Snapshot, record: TrialRecord, changes: _Changes) -> None:
         from sweep import ax_client
@@ -688,13 +812,17 @@ class Experiment:
             changes.ingested.append((record.index, attempt))
             if not record.active:
                 continue  # an earlier attempt's result in this pass already settled the trial
-            kind, state, reason = classify(result, metric)
+            kind, state, reason = classify(result, metric, also=self.space.compute_metrics)
             if kind == FINAL:
                 # Any attempt's final outcome counts, even a presumed-dead one's: same parameters.
                 if state == "completed":
-                    ax_client.complete(snap.client, record.index, metric, objective_value(result, metric))
+                    # extra: a two-objective sweep's compute metric (None-free: classify checked it).
+                    extra = extra_objective_values(result, self.space.compute_metrics)
+                    ax_client.complete(
+                        snap.client, record.index, metric, self._observation(snap.ledger, result), extra
+                    )
                 elif state == "early_stopped":
-                    ax_client.early_stop(snap.client, record.index, metric, objective_value(result, metric))
+                    ax_client.early_stop(snap.client, record.index, metric, self._observation(snap.ledger, result))
                 else:
                     ax_client.fail(snap.client, record.index, reason)
                     changes.failed.append(record.index)

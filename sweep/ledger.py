@@ -65,6 +65,12 @@ class TrialRecord:
     # Frozen at the first claim (None only in ledgers written before they were recorded).
     overrides: list[str] | None = None
     entrypoint: str | None = None
+    # SEARCH: proposed by Ax (Sobol/BoTorch); WARM_START: a best configuration of an earlier
+    # experiment; REPLICATE: a re-run of trial ``replicate_of`` with another data order, for the
+    # noise estimate (not counted in budget.trials).
+    kind: str = "search"
+    replicate_of: int | None = None
+    origin: str = ""  # where a warm-start configuration came from: "<uri> trial <i>"
 
     @property
     def active(self) -> bool:
@@ -83,10 +89,19 @@ class TrialRecord:
         )
 
 
+SEARCH, WARM_START, REPLICATE = "search", "warm_start", "replicate"
+
+
 @dataclass
 class Ledger:
     space_yaml: str
     trials: dict[int, TrialRecord] = field(default_factory=dict)
+    # objective.noise == replicates: the measured run-to-run SD (None until measured) and how.
+    noise_sd: float | None = None
+    noise_note: str = ""
+    # budget.warm_start: configurations still to hand out, best first:
+    # [{"params": {...}, "source": "<uri> trial <i>", "value": <its objective there>}]
+    warm_pending: list[dict[str, Any]] = field(default_factory=list)
 
     # -------------------- Serialisation (inside the Ax snapshot) -----------------------
 
@@ -96,6 +111,9 @@ class Ledger:
             "space_yaml": self.space_yaml,
             # JSON object keys are strings; Ax's encoder would keep ints, its decoder not.
             "trials": {str(i): asdict(t) for i, t in sorted(self.trials.items())},
+            "noise_sd": self.noise_sd,
+            "noise_note": self.noise_note,
+            "warm_pending": self.warm_pending,
         }
 
     @classmethod
@@ -117,7 +135,14 @@ class Ledger:
             raise ValueError(f"sweep ledger format must be {FORMAT}, got {got!r}")
         try:
             trials = {int(k): TrialRecord(**v) for k, v in raw["trials"].items()}
-            return cls(space_yaml=str(raw["space_yaml"]), trials=trials)
+            sd = raw.get("noise_sd")
+            return cls(
+                space_yaml=str(raw["space_yaml"]),
+                trials=trials,
+                noise_sd=None if sd is None else float(sd),
+                noise_note=str(raw.get("noise_note", "")),
+                warm_pending=list(raw.get("warm_pending", [])),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"sweep ledger is malformed: {err}") from err
 
@@ -132,6 +157,13 @@ class Ledger:
     def count(self, state: str) -> int:
         return sum(1 for t in self.trials.values() if t.state == state)
 
+    def budgeted(self) -> int:
+        """Trials that count against budget.trials: everything but noise replicates."""
+        return sum(1 for t in self.trials.values() if t.kind != REPLICATE)
+
+    def of_kind(self, kind: str) -> list[TrialRecord]:
+        return [t for _, t in sorted(self.trials.items()) if t.kind == kind]
+
     # -------------------- Transitions --------------------------------------------------
 
     def add(
@@ -144,6 +176,8 @@ class Ledger:
         *,
         overrides: list[str] | None = None,
         entrypoint: str | None = None,
+        kind: str = SEARCH,
+        replicate_of: int | None = None,
     ) -> TrialRecord:
         if index in self.trials:
             raise ValueError(f"trial {index} is already in the ledger")
@@ -157,6 +191,8 @@ class Ledger:
             claimed_at=now,
             overrides=None if overrides is None else list(overrides),
             entrypoint=entrypoint,
+            kind=kind,
+            replicate_of=replicate_of,
         )
         self.trials[index] = record
         return record
