@@ -25,6 +25,7 @@ def setup_compute(
     Call after ``build_student`` (which copies the teacher) and before sharding, compiling and
     building the optimizer (its state takes the parameters' dtype).
     """
+    check_gpu_preset(cfg.run.gpu_preset, device)
     student.to(dtype=precision.param_dtype)
     autocast_forward(student, precision, device)
     if teacher is not None:
@@ -61,3 +62,28 @@ def memory_target_bytes(stage_cfg: DictConfig, run_cfg: DictConfig, device: torc
         return int(stage_cfg.auto_batch_memory_gb * 2**30)
     total = torch.cuda.get_device_properties(device).total_memory
     return int(run_cfg.memory_fraction * total)
+
+
+# What each shipped preset (training/conf/gpu/) expects in torch.cuda.get_device_name().
+_PRESET_GPU_NAMES = {
+    "a100_80gb": "A100",
+    "h100_80gb": "H100",
+    "l40s": "L40S",
+    "a10g": "A10G",
+    "rtx4090": "4090",
+}
+
+
+def check_gpu_preset(preset: str | None, device: torch.device) -> None:
+    """One log line when a ``gpu=<preset>`` was made for another GPU than the one running (its batch
+    sizes and memory targets then fit the wrong card); no error, the run may be deliberate."""
+    if preset is None:
+        return
+    if device.type != "cuda":
+        log.info("gpu=%s: a GPU preset on %s; its batch sizes apply, its memory targets do not", preset, device.type)
+        return
+    name = torch.cuda.get_device_name(device)
+    expected = _PRESET_GPU_NAMES.get(preset)
+    if expected is not None and expected not in name:
+        log.info("gpu=%s: made for an %s GPU but this one is %s; batch sizes and memory targets may not fit",
+                 preset, expected, name)
