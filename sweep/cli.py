@@ -131,8 +131,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if gpus and n * k > len(gpus):
         raise UserError(f"--workers {n} x --gpus-per-trial {k} needs {n * k} GPUs but {len(gpus)} are visible; "
                         f"use --workers {max(1, len(gpus) // k)}")
-    print(f"starting {n} local worker(s) on {store_uri}" + (f" over GPUs {','.join(gpus)}" if gpus else " (CPU)"))
+    logs = Path(args.workdir)
+    print(f"starting {n} local worker(s) on {store_uri}" + (f" over GPUs {','.join(gpus)}" if gpus else " (CPU)")
+          + ("" if args.verbose else f"; worker logs in {logs}/worker-<i>.log, trial logs beside them"))
     env = dict(os.environ)
+    if args.verbose:
+        env.setdefault("SWEEP_AX_LOG_LEVEL", "INFO")  # Ax's INFO lines only when asked for
     if not gpus and "OMP_NUM_THREADS" not in env:
         # N CPU trials share the cores: oversubscribed torch threads ran ~4x slower here (measured).
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
@@ -145,12 +149,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             cmd += ["--device", ",".join(gpus[i * k : (i + 1) * k]) if k > 1 else gpus[i % len(gpus)]]
         if k > 1:
             cmd += ["--gpus-per-trial", str(k)]
-        procs.append(subprocess.Popen(cmd, env=env))
+        if args.verbose:
+            procs.append(subprocess.Popen(cmd, env=env))
+        else:
+            # Each worker's log goes to its file; the terminal shows the live table instead.
+            logs.mkdir(parents=True, exist_ok=True)
+            with (logs / f"worker-{i}.log").open("ab") as fh:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT))
     # A spot node's shutdown SIGTERMs this process: stop the workers the same way as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from sweep.run_view import RunView
+
+    view = RunView(exp, live=not args.verbose, interval_s=args.refresh)
     try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
+        with view:
+            while any(p.poll() is None for p in procs):
+                view.tick()
+                time.sleep(0.5)
     except KeyboardInterrupt:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -261,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="K > 1: each worker gets K GPUs and runs each trial under torchrun with FSDP",
     )
     sp.add_argument("--poll", type=float)
+    sp.add_argument("-v", "--verbose", action="store_true",
+                    help="stream the workers' logs (and Ax's INFO lines) instead of the live table")
+    sp.add_argument("--refresh", type=float, default=2.0, help="seconds between live-table refreshes")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("status", help="trials, states, attempts, best so far, time left")

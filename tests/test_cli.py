@@ -87,6 +87,27 @@ def test_run_two_workers_prints_best_configuration(finished: tuple[Path, Done]) 
     assert f"x1 = {best.params['x1']}" in done.out and "reproduce: " in done.out
 
 
+def test_run_shows_trial_lines_not_worker_logs(finished: tuple[Path, Done]) -> None:
+    root, done = finished
+    # Not a terminal here, so one line per trial state change instead of a redrawn table.
+    assert re.search(r"^trial 0 completed \[Sobol\] x1=", done.out, re.M), done.out
+    assert "run.metrics_file=" not in done.out + done.err  # the workers' override lines ...
+    assert "Generated new trial" not in done.out + done.err  # ... and Ax's INFO lines stay out
+    logs = root.parent / "scratch"
+    worker_logs = [logs / f"worker-{i}.log" for i in range(2)]
+    assert all(p.exists() for p in worker_logs)
+    assert "run.metrics_file=" in "".join(p.read_text() for p in worker_logs)  # ... they are in the logs
+
+
+def test_run_verbose_streams_the_worker_logs(tmp_path: Path) -> None:
+    (tmp_path / "space.yaml").write_text(branin_space("clirunv", trials=1, sobol=1, steps=1, step_s=0.0))
+    done = sweep("run", "-v", "--space", "space.yaml", "--store", "sweeps", "--workers", "1", "--poll", "0.3",
+                 "--workdir", "scratch", cwd=tmp_path, timeout_s=180)  # fmt: skip
+    assert done.rc == 0, (done.out, done.err)
+    assert "run.metrics_file=" in done.out + done.err
+    assert not (tmp_path / "scratch" / "worker-0.log").exists()
+
+
 def test_status_and_report_find_the_experiment(finished: tuple[Path, Done], tmp_path: Path) -> None:
     root, _ = finished
 

@@ -94,10 +94,13 @@ def test_cli_prints_no_traceback_for_a_malformed_result(tmp_path: Path, command:
         args, worker = ["--workers", "1"], "local-0"
     done = sweep(command, "--store", store, "--workdir", "work", "--poll", "0.2", *args, cwd=tmp_path, env=env,
                  timeout_s=120)  # fmt: skip
-    assert "Traceback" not in done.err and "Traceback" not in done.out, done.err
+    # `sweep run` keeps its workers' output in <workdir>/worker-<i>.log and shows a live table.
+    worker_log = (tmp_path / "work" / "worker-0.log").read_text() if command == "run" else ""
+    out, err = done.out + worker_log, done.err + worker_log
+    assert "Traceback" not in err and "Traceback" not in out, err
     assert done.rc == 0, (done.out, done.err)
     summary = f"worker {worker}: 2 trials (1 completed, 1 failed, 0 early-stopped); stopped: sweep finished"
-    assert summary in done.out, done.out
-    assert REASONS["list"] in done.err  # the worker says what was wrong, once, in its log
+    assert summary in out, out
+    assert REASONS["list"] in err  # the worker says what was wrong, once, in its log
     results = results_of(root.child(name), 0)
     assert results[1]["reason"] == REASONS["list"] and results[1]["infrastructure"] is False
