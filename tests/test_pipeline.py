@@ -100,6 +100,12 @@ def test_run_trial_writes_result_json(tiny_overrides, tmp_path):
     assert payload["status"] == "completed"
     assert payload["final_eval_loss"] > 0 and payload["final_eval_loss_sem"] >= 0
     assert set(payload["stages"]) == {"stage1_9", "stage2"}
+    # What the sweep can use as objectives (training/results.py); the eval-batch sem is a diagnostic.
+    m = payload["metrics"]
+    assert set(m) == {"final_eval_loss", "eval_batch_sem", "train_flops", "trial_seconds"}
+    assert m["final_eval_loss"] == payload["final_eval_loss"]
+    assert m["eval_batch_sem"] == payload["final_eval_loss_sem"]
+    assert m["train_flops"] == payload["train_flops"] > 0 and m["trial_seconds"] > 0
 
 
 def test_run_trial_bad_override_exits_2_with_one_line(tmp_path):

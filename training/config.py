@@ -67,6 +67,8 @@ _CHOICES = {
     "stage2.optimizer.schedule": ("cosine", "linear", "constant"),
     "stage1_9.saliency.schedule": ("linear", "cosine"),
     "stage2.lambda_warmup.schedule": ("linear", "cosine"),
+    "stage1_9.lambda_warmup.schedule": ("linear", "cosine"),
+    "stage2.lambda_start": ("restart", "continue"),
     "stage3.optimizer.name": ("adamw", "muon", "muonclip", "apollo"),
     "stage3.optimizer.schedule": ("cosine", "linear", "constant"),
     "stage3.data.task": ("lm", "classification", "summarization"),
@@ -97,6 +99,10 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{stage}.auto_batch_size: got {s.auto_batch_size!r}, allowed: auto, true, false")
         if s.auto_batch_memory_gb is not None and not s.auto_batch_memory_gb > 0:
             raise ConfigError(f"{stage}.auto_batch_memory_gb: must be > 0 GiB (or null), got {s.auto_batch_memory_gb}")
+        if s.eval_every < 0:
+            raise ConfigError(f"{stage}.eval_every: must be >= 0 (0: evaluate only at the end), got {s.eval_every}")
+    _validate_lambda(cfg)
+    _validate_data(cfg.data)
     if not 0.0 < cfg.run.memory_fraction <= 1.0:
         raise ConfigError(f"run.memory_fraction: must be in (0, 1], got {cfg.run.memory_fraction}")
     a = cfg.stage1_9.loss.lm_loss_weight
@@ -131,6 +137,29 @@ def validate_config(cfg: DictConfig) -> None:
             "run.compile_mode: 'max-autotune' uses CUDA graphs, which fail with transformers unless "
             "run.gradient_checkpointing=true; set that, or use 'default' or 'max-autotune-no-cudagraphs'"
         )
+
+
+def _validate_lambda(cfg: DictConfig) -> None:
+    for stage in ("stage1_9", "stage2"):
+        if cfg[stage].lambda_warmup.warmup_steps < 0:
+            raise ConfigError(
+                f"{stage}.lambda_warmup.warmup_steps: must be >= 0, got {cfg[stage].lambda_warmup.warmup_steps}"
+            )
+    lw, c19 = cfg.stage1_9.lambda_warmup, cfg.stage1_9
+    runs19 = c19.max_steps > 0 and (cfg.stage == "stage1_9" or (cfg.stage == "pipeline" and c19.enabled))
+    if lw.enabled and runs19 and lw.warmup_steps > c19.max_steps:
+        # Stage 1.9 must end at lambda = 1: its final eval and Stage 2's lambda_start=continue rely on it.
+        raise ConfigError(
+            f"stage1_9.lambda_warmup.warmup_steps: {lw.warmup_steps} is larger than stage1_9.max_steps="
+            f"{c19.max_steps}, so lambda would not reach 1 in Stage 1.9; lower it to <= {c19.max_steps}, "
+            "raise stage1_9.max_steps or set stage1_9.lambda_warmup.enabled=false"
+        )
+
+
+def _validate_data(d: DictConfig) -> None:
+    for key, minimum in (("eval_blocks", 1), ("eval_batch_size", 1), ("order_seed", 0), ("shuffle_window", 1)):
+        if d[key] < minimum:
+            raise ConfigError(f"data.{key}: must be >= {minimum}, got {d[key]}")
 
 
 def _validate_stage3(s3: DictConfig) -> None:

@@ -18,6 +18,7 @@ class StageResult:
     tokens: int = 0
     seconds: float = 0.0
     reason: str | None = None
+    train_flops: float = 0.0  # training/compute.py's estimate for this stage's optimizer steps
 
     @classmethod
     def from_loop(cls, stage: str, loop: Any) -> StageResult:
@@ -33,9 +34,26 @@ class StageResult:
         )
 
 
+# Metric names a trial reports for the sweep (run_trial writes them under "metrics").
+OBJECTIVE = "final_eval_loss"
+EVAL_BATCH_SEM = "eval_batch_sem"
+COMPUTE_METRICS = ("train_flops", "trial_seconds")
+
+
 @dataclass
 class PipelineResult:
-    """``final_eval_loss`` (held-out CE at lambda = 1) and its standard error are the sweep objective."""
+    """``final_eval_loss`` (held-out CE at lambda = 1) is the sweep objective.
+
+    ``final_eval_loss_sem`` is the standard error of that mean over the eval batches. Every trial is
+    scored on the same eval blocks, so this sampling error is shared by all trials and cancels when two
+    configurations are compared: it is a diagnostic of the eval set's size, not the noise a repeat of
+    the trial would see (that comes from e.g. ``data.order_seed`` repeats). ``metrics()`` reports it as
+    ``eval_batch_sem``.
+
+    ``train_flops``: training/compute.py. ``trial_seconds``: wall seconds of the work this result stands
+    on (this attempt's ``run_pipeline`` plus, after a resume, the earlier attempts' time up to the
+    checkpoint it resumed from; ``seconds`` is this attempt alone).
+    """
 
     status: str  # completed | diverged | preempted | running
     final_eval_loss: float | None = None
@@ -46,9 +64,22 @@ class PipelineResult:
     checkpoints: list[str] = field(default_factory=list)
     reason: str | None = None
     conversion: dict[str, Any] = field(default_factory=dict)
+    train_flops: float = 0.0
+    trial_seconds: float = 0.0
+    # Parameter counts behind train_flops: {"student_trainable": N, "teacher": N, "stage3_teacher": N}.
+    params: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def metrics(self) -> dict[str, float | None]:
+        """The numbers a sweep can optimise or record: objective, compute, eval-set diagnostic."""
+        return {
+            OBJECTIVE: self.final_eval_loss,
+            EVAL_BATCH_SEM: self.final_eval_loss_sem,
+            "train_flops": self.train_flops,
+            "trial_seconds": self.trial_seconds,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineResult:

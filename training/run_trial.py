@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     teardown_distributed()  # not after a crash: torchrun ends the other ranks, which may sit in a collective
     payload = result.to_dict()
+    # The sweep's metrics: final_eval_loss, eval_batch_sem (a diagnostic, not trial noise),
+    # train_flops and trial_seconds (training/results.py). Top-level final_eval_loss(_sem) stay too.
+    payload["metrics"] = result.metrics()
     payload["overrides"] = overrides
     _write(out, payload)
     return 0

@@ -42,35 +42,40 @@ class LambdaWarmup:
 
     ``linear``: ``min(step / warmup_steps, 1)``; ``cosine``: ``(1 - cos(pi * min(step / warmup_steps, 1))) / 2``.
     ``warmup_steps == 0`` means no warmup: lambda is 1.0 from step 0.
+
+    ``start`` (default 0) is lambda at step 0: the schedule's progress ``p`` in [0, 1] maps to
+    ``start + (1 - start) * p``, so ``start = 1`` is lambda = 1 throughout. Stage 2's
+    ``lambda_start: continue`` starts there from the lambda Stage 1.9 ended at.
     """
 
-    def __init__(self, warmup_steps: int, schedule: str = "linear") -> None:
-        self._configure(warmup_steps, schedule)
+    def __init__(self, warmup_steps: int, schedule: str = "linear", start: float = 0.0) -> None:
+        self._configure(warmup_steps, schedule, start)
 
-    def _configure(self, warmup_steps: int, schedule: str) -> None:
+    def _configure(self, warmup_steps: int, schedule: str, start: float = 0.0) -> None:
         warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
         self.warmup_steps = warmup_steps
         self.schedule = schedule
+        self.start = check_lambda(start)
 
     def value(self, step: int) -> float:
         _check_step(step)
         if self.warmup_steps == 0 or step >= self.warmup_steps:
             return 1.0
         progress = step / self.warmup_steps
-        if self.schedule == "linear":
-            return progress
-        return 0.5 * (1.0 - math.cos(math.pi * progress))
+        if self.schedule == "cosine":
+            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+        return self.start + (1.0 - self.start) * progress  # == progress exactly when start = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_steps": self.warmup_steps, "schedule": self.schedule}
+        return {"warmup_steps": self.warmup_steps, "schedule": self.schedule, "start": self.start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._configure(state["warmup_steps"], state["schedule"])
+        self._configure(state["warmup_steps"], state["schedule"], state.get("start", 0.0))
 
     def __repr__(self) -> str:
-        return f"LambdaWarmup(warmup_steps={self.warmup_steps}, schedule={self.schedule!r})"
+        return f"LambdaWarmup(warmup_steps={self.warmup_steps}, schedule={self.schedule!r}, start={self.start})"
 
 
 class LambdaController:

@@ -62,10 +62,19 @@ class DataConfig:
     hf_config: str | None = None
     split: str = "train"
     seq_len: int = 128
-    eval_blocks: int = 16
+    # Held-out blocks scored by every eval; 8 batches at the default batch size, so the eval-batch
+    # standard error (a diagnostic: trials share the eval set) is itself estimated from 8 values.
+    eval_blocks: int = 64
     eval_batch_size: int = 8
     max_docs: int | None = None
+    # The train/eval split (and, mixed in, the training order): changing it changes the eval set.
     seed: int = 0
+    # The order of training batches only (never the eval split): 0 is the order data.seed gives;
+    # another value reshuffles the train blocks (a repeat of a trial with fresh data-order noise).
+    # Streaming sources (source=hf) keep stream order at 0 and shuffle within windows of
+    # shuffle_window blocks otherwise.
+    order_seed: int = 0
+    shuffle_window: int = 1024
 
 
 @dataclass
@@ -118,7 +127,9 @@ class StageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     grad_clip: float = 1.0
-    eval_every: int = 0  # 0: evaluate only at the end
+    # Held-out eval (at lambda = 1) every N optimizer steps, recorded in the metrics JSONL and the
+    # stage's eval_curve; 0: only the evaluations at the end of the stage / pipeline.
+    eval_every: int = 0
     log_every: int = 10
     # Search the largest micro-batch that fits in memory, keeping batch_size * grad_accum as the
     # effective batch (training/batch_size.py); batch_size is then the search's starting point.
@@ -136,12 +147,17 @@ class Stage19Config(StageConfig):
     batch_size: int = 32
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    # Off by default: Stage 1.9 distils the fully ternary student (lambda = 1), as the notebook did.
+    lambda_warmup: LambdaWarmupConfig = field(default_factory=lambda: LambdaWarmupConfig(enabled=False))
 
 
 @dataclass
 class Stage2Config(StageConfig):
     batch_size: int = 32  # the notebook's effective batch, as Stage 1.9
     lambda_warmup: LambdaWarmupConfig = field(default_factory=LambdaWarmupConfig)
+    # Where Stage 2's lambda warmup starts: restart = from 0 (the notebook's recipe); continue = from
+    # the lambda Stage 1.9 ended at (1 unless Stage 1.9 did not run), warming the rest of the way.
+    lambda_start: str = "restart"
 
 
 @dataclass

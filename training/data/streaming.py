@@ -109,6 +109,13 @@ class StreamingBlockLoader:
 
     ``skip_blocks``: the first blocks of every pass are held out; :meth:`take_eval_blocks`
     returns them, so eval and train never share a token.
+
+    ``shuffle_seed``: None keeps stream order. An int shuffles the train blocks within consecutive
+    windows of ``shuffle_window`` blocks (window ``n`` in the order ``randperm`` seeded by
+    ``(shuffle_seed, n)``), so a different seed changes the order of training batches while the
+    held-out blocks stay the same. The resume state is then the stream position where the current
+    window began plus how many of its blocks were taken: resume re-reads that window, which gives
+    exactly the same next batches.
     """
 
     def __init__(
@@ -119,6 +126,8 @@ class StreamingBlockLoader:
         batch_size: int,
         *,
         skip_blocks: int = 0,
+        shuffle_seed: int | None = None,
+        shuffle_window: int = 1024,
     ):
         if seq_len < 2:
             raise DataError(f"data.seq_len: must be >= 2 for next-token prediction, got {seq_len}")
@@ -139,6 +148,15 @@ class StreamingBlockLoader:
         self._at_pass_start = True  # skip_blocks still to be skipped
         self._target: tuple[int, int] | None = None  # resume position to seek to when the pass opens
         self._yielded = False  # did this pass yield a train block (an empty pass would loop forever)
+        if shuffle_window < 1:
+            raise DataError(f"data.shuffle_window: must be >= 1, got {shuffle_window}")
+        self.shuffle_seed = shuffle_seed
+        self.shuffle_window = shuffle_window
+        self._win_blocks: list[np.ndarray] | None = None  # the current window (None: not read yet)
+        self._win_order: list[int] = []
+        self._win_number = 0  # which window of the stream (its shuffle seed)
+        self._win_taken = 0  # blocks of the current window already emitted
+        self._win_start: dict[str, int] | None = None  # stream position where the current window began
 
     @property
     def tokens_per_batch(self) -> int:
@@ -196,8 +214,27 @@ class StreamingBlockLoader:
             self._at_pass_start = True
             self._yielded = False
 
+    def _next_train_block(self) -> np.ndarray:
+        if self.shuffle_seed is None:
+            return self._next_block()
+        if self._win_blocks is not None and self._win_taken >= len(self._win_blocks):
+            self._win_number += 1
+            self._win_taken = 0
+            self._win_blocks = None
+        if self._win_blocks is None:
+            # (Re)read the window; after a resume _win_taken already says how far into it we were.
+            self._win_start = self._stream_position()
+            self._win_blocks = [self._next_block() for _ in range(self.shuffle_window)]
+            generator = torch.Generator().manual_seed(
+                (self.shuffle_seed * 1_000_003 + self._win_number) % (2**63)
+            )
+            self._win_order = torch.randperm(self.shuffle_window, generator=generator).tolist()
+        block = self._win_blocks[self._win_order[self._win_taken]]
+        self._win_taken += 1
+        return block
+
     def next_batch(self) -> dict[str, torch.Tensor]:
-        block = np.stack([self._next_block() for _ in range(self.batch_size)])
+        block = np.stack([self._next_train_block() for _ in range(self.batch_size)])
         return make_batch(torch.from_numpy(block))
 
     def __iter__(self):
@@ -234,6 +271,24 @@ class StreamingBlockLoader:
         return TokenBlocks(torch.from_numpy(np.stack(blocks).astype(np.int32)))
 
     def state_dict(self) -> dict[str, int]:
+        if self.shuffle_seed is None:
+            return self._stream_position()
+        number, taken = self._win_number, self._win_taken
+        if self._win_blocks is None:
+            start = self._stream_position()  # no window read yet (fresh, or resumed and not yet read)
+        elif taken < len(self._win_blocks):
+            start = self._win_start
+        else:  # the window is used up: the next one starts where the stream is now
+            start, number, taken = self._stream_position(), number + 1, 0
+        return {
+            **start,
+            "shuffle_seed": self.shuffle_seed,
+            "shuffle_window": self.shuffle_window,
+            "window_number": number,
+            "window_taken": taken,
+        }
+
+    def _stream_position(self) -> dict[str, int]:
         if self._target is not None:
             doc, offset = self._target
         elif self._pass is None or self._at_pass_start:
@@ -243,6 +298,18 @@ class StreamingBlockLoader:
         return {"epoch": self._epoch, "docs_consumed": doc, "token_offset": offset}
 
     def load_state_dict(self, state: dict) -> None:
+        mine = None if self.shuffle_seed is None else (self.shuffle_seed, self.shuffle_window)
+        saved = None if state.get("shuffle_seed") is None else (state["shuffle_seed"], state["shuffle_window"])
+        if saved != mine:
+            raise DataError(
+                f"data.order_seed: resume state has train-block shuffle (seed, window) {saved} but this "
+                f"loader has {mine}; resume with the same data.order_seed and data.shuffle_window"
+            )
+        if self.shuffle_seed is not None:
+            self._win_number = int(state["window_number"])
+            self._win_taken = int(state["window_taken"])
+            self._win_blocks = None
+            self._win_start = None
         epoch, doc, offset = int(state["epoch"]), int(state["docs_consumed"]), int(state["token_offset"])
         at_start = (doc, offset) == (0, 0)
         if not self._reopenable:

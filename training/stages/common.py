@@ -54,8 +54,22 @@ class DataBundle:
     stage3: Any = None  # Stage 3's loader when it trains on the LM text (stage3.data.task=lm)
 
 
+# Loader seeds: data.seed + stage number at data.order_seed = 0 (the orders every earlier run had),
+# moved by a large prime per order seed so no two (order seed, stage) pairs share an order.
+ORDER_SEED_STRIDE = 1_000_033
+
+
+def train_order_seed(d: DictConfig, stage_number: int) -> int:
+    """The train-batch shuffle seed of one stage's loader (1: Stage 1.9, 2: Stage 2, 3: Stage 3)."""
+    return d.seed + stage_number + ORDER_SEED_STRIDE * d.order_seed
+
+
 def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
-    """Held-out eval batches plus one train loader per stage (different shuffles of the same split)."""
+    """Held-out eval batches plus one train loader per stage (different shuffles of the same split).
+
+    ``data.seed`` picks the eval split; ``data.order_seed`` only reorders training batches (the eval
+    batches are the same for every order seed; tests/test_data_order_seed.py).
+    """
     d = cfg.data
 
     def texts():
@@ -65,17 +79,22 @@ def build_data(cfg: DictConfig, tokenizer: Any) -> DataBundle:
     if d.source == "hf":
         # Streaming: the first eval_blocks packed blocks are held out on every pass over the stream.
         # Each loader gets a factory, so a finite stream starts another pass instead of running dry.
-        s19 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage1_9.batch_size, skip_blocks=d.eval_blocks)
-        s2 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage2.batch_size, skip_blocks=d.eval_blocks)
-        s3 = StreamingBlockLoader(texts, tokenizer, d.seq_len, cfg.stage3.batch_size, skip_blocks=d.eval_blocks)
+        # order_seed 0 keeps stream order (as before); another value shuffles within windows.
+        def stream(batch_size: int, stage_number: int) -> StreamingBlockLoader:
+            shuffle = train_order_seed(d, stage_number) if d.order_seed else None
+            return StreamingBlockLoader(texts, tokenizer, d.seq_len, batch_size, skip_blocks=d.eval_blocks,
+                                        shuffle_seed=shuffle, shuffle_window=d.shuffle_window)
+
+        s19, s2 = stream(cfg.stage1_9.batch_size, 1), stream(cfg.stage2.batch_size, 2)
+        s3 = stream(cfg.stage3.batch_size, 3)
         return DataBundle(s19, s2, eval_batches(s19.take_eval_blocks(d.eval_blocks), d.eval_batch_size), s3)
     blocks = build_blocks(texts(), tokenizer, d.seq_len)
     train, held_out = split_train_eval(blocks, eval_blocks=d.eval_blocks, seed=d.seed)
     return DataBundle(
-        stage1_9=BlockLoader(train, cfg.stage1_9.batch_size, seed=d.seed + 1),
-        stage2=BlockLoader(train, cfg.stage2.batch_size, seed=d.seed + 2),
+        stage1_9=BlockLoader(train, cfg.stage1_9.batch_size, seed=train_order_seed(d, 1)),
+        stage2=BlockLoader(train, cfg.stage2.batch_size, seed=train_order_seed(d, 2)),
         eval=eval_batches(held_out, d.eval_batch_size),
-        stage3=BlockLoader(train, cfg.stage3.batch_size, seed=d.seed + 3),
+        stage3=BlockLoader(train, cfg.stage3.batch_size, seed=train_order_seed(d, 3)),
     )
 
 
@@ -117,9 +136,10 @@ def build_student(cfg: DictConfig, teacher: nn.Module) -> Student:
     return Student(model, lam, curriculum, summary)
 
 
-def lambda_schedule(cfg: DictConfig) -> LambdaWarmup | None:
-    lw = cfg.stage2.lambda_warmup
-    return LambdaWarmup(lw.warmup_steps, lw.schedule) if lw.enabled else None
+def lambda_schedule(cfg: DictConfig, stage: str = "stage2", start: float = 0.0) -> LambdaWarmup | None:
+    """``<stage>.lambda_warmup`` as a schedule from ``start`` (None when off: lambda stays where it is)."""
+    lw = cfg[stage].lambda_warmup
+    return LambdaWarmup(lw.warmup_steps, lw.schedule, start) if lw.enabled else None
 
 
 def optimizer_for(stage_cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:

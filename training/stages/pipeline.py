@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from training.batch_size import fit_trainer_micro_batch
 from training.bitnet import bitlinear_modules
 from training.checkpoint import CheckpointManager
+from training.compute import all_params, stage_flops, trainable_params
 from training.distributed import model_state_dict, setup_distributed, shard_model
 from training.precision import note_resume_across_modes, resolve_precision
 from training.results import PipelineResult, StageResult
@@ -90,6 +92,11 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         )
     if resume_stage == "final":
         return PipelineResult.from_dict(state["pipeline_result"])
+    # Seconds earlier attempts spent up to the checkpoint this one resumes from (trial_seconds).
+    prior_s = float(state.get("trial_seconds", 0.0)) if state else 0.0
+
+    def elapsed() -> float:
+        return prior_s + time.perf_counter() - t0
 
     # Loaded in the student's master dtype (the copy is exact); setup_compute then stores the frozen
     # teacher in its own dtype (bf16 under bf16-mixed).
@@ -97,6 +104,8 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     data = build_data(cfg, tokenizer)
     student = build_student(cfg, teacher)
     model = student.model
+    # Counted before sharding, for train_flops (training/compute.py).
+    params = {"student_trainable": trainable_params(model), "teacher": all_params(teacher)}
     enable_gradient_checkpointing(model, cfg)
     setup_compute(cfg, model, teacher, device, precision)  # run.precision, model.gemm
     note_resume_across_modes(state, model, precision)
@@ -109,12 +118,45 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     result = PipelineResult(
         status="running",
         conversion=asdict(student.summary) if hasattr(student.summary, "__dataclass_fields__") else {},
+        params=params,
     )
+
+    def account() -> None:
+        """Tokens, train_flops and seconds of the stages so far (also for a diverged/preempted run)."""
+        for name, st in result.stages.items():
+            n_teacher = params.get("stage3_teacher", params["teacher"]) if name == "stage3" else params["teacher"]
+            st.train_flops = stage_flops(name, st.tokens, params["student_trainable"], n_teacher)
+        result.tokens = sum(s.tokens for s in result.stages.values())
+        result.train_flops = sum(s.train_flops for s in result.stages.values())
+        result.seconds = time.perf_counter() - t0
+        result.trial_seconds = elapsed()
+
+    def periodic_eval(batches, steady) -> Callable[[], tuple[float, float]]:
+        """``stageX.eval_every``: held-out CE at lambda = 1 (the model that would be exported at that
+        step), lambda restored afterwards; no RNG is drawn, so a resumed run evaluates identically."""
+
+        def run() -> tuple[float, float]:
+            saved = student.lam.value
+            student.lam.set_value(1.0)
+            try:
+                return evaluate_lm(fwd if steady() else model, batches, device)
+            finally:
+                student.lam.set_value(saved)
+
+        return run
+
+    def with_lambda(loss_fn):
+        """The stage's loss with the step's lambda in its metrics (a "lambda" key in each record)."""
+
+        def fn(batch):
+            loss, parts = loss_fn(batch)
+            return loss, {**parts, "lambda": student.lam.value}
+
+        return fn
 
     def finish(status: str, reason: str | None = None) -> PipelineResult:
         result.status, result.reason = status, reason
-        result.seconds = time.perf_counter() - t0
-        result.tokens = sum(s.tokens for s in result.stages.values())
+        account()
         result.checkpoints = [f"{ckpts.root}/{n}.pt" for n in ckpts.history()]
         metrics.log({"stage": "pipeline", "event": status, "final_eval_loss": result.final_eval_loss})
         metrics.finish()
@@ -127,18 +169,40 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     if "stage1_9" in runs and start <= 0:
         opt, sched = optimizer_for(c19, model)
         stateful = {"saliency": student.saliency} if student.saliency else {}
+        # stage1_9.lambda_warmup (off by default: lambda = 1 throughout, as before).
+        student.lam.schedule = lambda_schedule(cfg, "stage1_9")
+        hooks = []
+        if student.lam.schedule is not None:
+            stateful["lambda"] = student.lam
+            hooks.append(student.lam.set_step)
+        if student.saliency:
+            hooks.append(lambda step: student.saliency.step(model, step))
+
+        def before19(step: int) -> None:
+            for hook in hooks:
+                hook(step)
+
+        steady19 = lambda: student.saliency is None  # noqa: E731 - the value at lambda = 1 for eval
         trainer = Trainer(
             _spec("stage1_9", c19, 0),
             model,
             opt,
             sched,
             data.stage1_9,
-            s19.make_loss_fn(cfg, steady_forward(fwd, model, lambda: student.saliency is None), teacher),
+            with_lambda(
+                s19.make_loss_fn(
+                    cfg,
+                    steady_forward(fwd, model, lambda: student.saliency is None and student.lam.value == 1.0),
+                    teacher,
+                )
+            ),
             device=device,
-            before_step=(lambda step: student.saliency.step(model, step)) if student.saliency else None,
+            eval_fn=periodic_eval(data.eval, steady19) if c19.eval_every else None,
+            before_step=before19 if hooks else None,
             stateful=stateful,
             metrics=metrics,
             checkpoints=ckpts,
+            checkpoint_extra=lambda: {"trial_seconds": elapsed()},
         )
         _auto_batch(trainer, c19, cfg, dctx.enabled)
         if resume_stage == "stage1_9":
@@ -148,6 +212,11 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         result.stages["stage1_9"] = stage
         if loop.status != "completed":
             return finish(loop.status, loop.reason)
+        # Stage 1.9's final lambda: where its warmup ends (1: config.py requires warmup_steps <=
+        # max_steps), else the constant 1. Stage 2's lambda_start=continue starts from it.
+        end = student.lam.schedule.value(c19.max_steps) if student.lam.schedule is not None else student.lam.value
+        student.lam.schedule = None
+        student.lam.set_value(end)
         stage.eval_loss, stage.eval_loss_sem = evaluate_lm(fwd, data.eval, device)
         log.info("stage1_9 done: eval loss %.4f +- %.4f", stage.eval_loss, stage.eval_loss_sem)
     if "stage2" in runs:
@@ -159,7 +228,13 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         if hasattr(m, "protect_k"):
             m.protect_k = 0.0  # Stage 2 trains fully ternary; saliency protection ends with Stage 1.9.
     if "stage2" in runs and start <= 1:
-        student.lam.schedule = lambda_schedule(cfg)
+        # stage2.lambda_start: restart the warmup at 0, or continue from the lambda Stage 1.9 ended at
+        # (the controller's value now: 1 after Stage 1.9 or Stage 1). A resumed run reads it back.
+        if resume_stage == "stage2":
+            lam_start = float(state.get("stage2_lambda_start", 0.0))
+        else:
+            lam_start = 0.0 if c2.lambda_start == "restart" else student.lam.value
+        student.lam.schedule = lambda_schedule(cfg, "stage2", lam_start)
         opt, sched = optimizer_for(c2, model)
         earlier = {k: asdict(v) for k, v in result.stages.items()}
         trainer = Trainer(
@@ -168,13 +243,18 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             opt,
             sched,
             data.stage2,
-            s2.make_loss_fn(steady_forward(fwd, model, lambda: student.lam.value == 1.0)),
+            with_lambda(s2.make_loss_fn(steady_forward(fwd, model, lambda: student.lam.value == 1.0))),
             device=device,
+            eval_fn=periodic_eval(data.eval, lambda: True) if c2.eval_every else None,
             before_step=student.lam.set_step,
             stateful={"lambda": student.lam},
             metrics=metrics,
             checkpoints=ckpts,
-            checkpoint_extra=lambda: {"earlier_stages": earlier},
+            checkpoint_extra=lambda: {
+                "earlier_stages": earlier,
+                "stage2_lambda_start": lam_start,
+                "trial_seconds": elapsed(),
+            },
             global_step_offset=offsets["stage2"],
         )
         _auto_batch(trainer, c2, cfg, dctx.enabled)
@@ -204,6 +284,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         if teacher is None or c3.teacher:
             teacher = s3.load_stage3_teacher(cfg, device, precision.teacher_dtype, model)
             prepare_teacher(teacher, device, precision)  # bf16-mixed: the same autocast as the student
+        params["stage3_teacher"] = all_params(teacher)
         loss3 = s3.make_loss_fn(cfg, model, teacher, fwd)
         opt, sched = optimizer_for(c3, model)
         earlier3 = {k: asdict(v) for k, v in result.stages.items()}
@@ -215,9 +296,10 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             data3.loader,
             loss3.fn,
             device=device,
+            eval_fn=periodic_eval(data3.eval, lambda: True) if c3.eval_every else None,
             metrics=metrics,
             checkpoints=ckpts,
-            checkpoint_extra=lambda: {"earlier_stages": earlier3},
+            checkpoint_extra=lambda: {"earlier_stages": earlier3, "trial_seconds": elapsed()},
             global_step_offset=offsets["stage3"],
         )
         _auto_batch(trainer, c3, cfg, dctx.enabled)
@@ -254,8 +336,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         last.eval_loss, last.eval_loss_sem = result.final_eval_loss, result.final_eval_loss_sem
     log.info("final eval loss %.4f +- %.4f", result.final_eval_loss, result.final_eval_loss_sem)
     result.status = "completed"
-    result.seconds = time.perf_counter() - t0
-    result.tokens = sum(s.tokens for s in result.stages.values())
+    account()
     ckpts.save(
         "final",
         {"stage": "final", "step": 0, "model": model_state_dict(model), "pipeline_result": result.to_dict()},

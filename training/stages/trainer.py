@@ -186,9 +186,14 @@ class Trainer:
                     record["tokens_per_s"],
                 )
             if self.eval_fn is not None and spec.eval_every and self.step % spec.eval_every == 0:
-                eval_loss, _ = self.eval_fn()
+                # stageX.eval_every: the step's record carries the held-out loss (the worker tails the
+                # metrics file into progress.jsonl); its time is left out of the next tokens/s window.
+                t_eval = time.perf_counter()
+                eval_loss, eval_sem = self.eval_fn()
+                eval_s = time.perf_counter() - t_eval
+                t_window += eval_s
                 res.eval_curve.append((self.step, eval_loss))
-                record["eval_loss"] = eval_loss
+                record.update(eval_loss=eval_loss, eval_batch_sem=eval_sem, eval_seconds=eval_s)
             self.metrics.log(record)
             if (
                 spec.checkpoint_every
