@@ -7,6 +7,9 @@ Stage 3 alone (Stage 1 conversion, then BitDistill distillation on the built-in 
 stage3.init_checkpoint=<dir>/final.pt starts from a trained student instead):
     python scripts/train.py model=tiny stage=stage3 stage3=classification
 
+Stage 3 from a teacher served by vLLM (docs/served-teacher.md; tests/fake_vllm_server.py stands in):
+    python scripts/train.py model=tiny stage=stage3 stage3=classification stage3.teacher.url=http://127.0.0.1:8000
+
 Real run:
     python scripts/train.py model=smollm2_135m data=fineweb run.out_dir=runs/smollm2
 """
@@ -19,6 +22,7 @@ import sys
 
 from training.api import ConfigError, compose_config, run_pipeline
 from training.runtime import STOP
+from training.teacher.errors import ServedTeacherError
 
 
 def main() -> int:
@@ -29,7 +33,11 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     STOP.install()
-    result = run_pipeline(cfg)
+    try:
+        result = run_pipeline(cfg)
+    except ServedTeacherError as exc:  # one line naming the field and the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     summary = {k: v for k, v in result.to_dict().items() if k != "stages"}
     summary["stages"] = {k: {"status": s.status, "steps": s.steps, "eval_loss": s.eval_loss,
                              "first_loss": s.curve[0][1] if s.curve else None,

@@ -601,7 +601,7 @@ def _parameters(raw: Any, base: tuple[str, ...]) -> tuple[Parameter, ...]:
     base_keys = {item.split("=", 1)[0].lstrip("+") for item in base}
     order = list(raw)
     parsed: dict[str, Parameter] = {}
-    owners: dict[str, str] = {}
+    owners: dict[str, list[str]] = {}
     for name, spec in raw.items():
         where = f"parameters.{name}"
         if not isinstance(name, str) or not _IDENT.fullmatch(name):
@@ -610,15 +610,28 @@ def _parameters(raw: Any, base: tuple[str, ...]) -> tuple[Parameter, ...]:
         bare = p.override.lstrip("+")
         if bare in base_keys:
             raise SpaceError(f"{where}.override: '{bare}' is already set in base_overrides")
-        if bare in owners:
-            raise SpaceError(f"{where}.override: '{bare}' is already set by parameter '{owners[bare]}'")
-        owners[bare] = name
+        # One override may be shared by parameters that are never active together: conditional on
+        # different values of the same parent (e.g. one learning-rate range per optimizer choice).
+        for other in owners.get(bare, []):
+            if not _exclusive(p, parsed[other]):
+                raise SpaceError(f"{where}.override: '{bare}' is already set by parameter '{other}'")
+        owners.setdefault(bare, []).append(name)
         parsed[name] = p
     if all(p.type == "fixed" for p in parsed.values()):
         raise SpaceError(
             "parameters: at least one parameter must be searched (type float, int, bool or choice)"
         )
     return tuple(parsed.values())
+
+
+def _exclusive(a: Parameter, b: Parameter) -> bool:
+    """Never active in the same trial: both conditional on one parent, on different values of it."""
+    return (
+        a.only_if is not None
+        and b.only_if is not None
+        and a.only_if.parent == b.only_if.parent
+        and not _same(a.only_if.value, b.only_if.value)
+    )
 
 
 def _parameter(name: str, spec: Any, earlier: dict[str, Parameter], order: list[str]) -> Parameter:

@@ -27,7 +27,7 @@ def test_presets_compose():
     [
         ("stage2.optimizer.lrr=0.01", "unknown config key 'stage2.optimizer.lrr'"),
         ("stage1_9.bogus=1", "unknown config key 'stage1_9.bogus'"),
-        ("model=gpt5", "model=gpt5: no such preset; available: qwen3_4b, smollm2_135m, tiny"),
+        ("model=gpt5", "model=gpt5: no such preset; available: qwen3_0_6b, qwen3_4b, smollm2_135m, tiny"),
         ("stage2.max_steps=many", "bad value in override 'stage2.max_steps=many'"),
         ("data.source=web", "data.source: got 'web', allowed: builtin, files, hf"),
         ("stage1_9.loss.lm_loss_weight=1.5", "stage1_9.loss.lm_loss_weight: must be in [0, 1], got 1.5"),

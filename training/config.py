@@ -119,6 +119,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.data.source == "hf" and not cfg.data.hf_name:
         raise ConfigError("data.hf_name: required for data.source=hf (e.g. HuggingFaceFW/fineweb-edu)")
     _validate_stage3(cfg.stage3)
+    _validate_teachers(cfg)
     _validate_distributed(cfg)
     if str(cfg.run.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"run.compile: got {cfg.run.compile!r}, allowed: auto, true, false")
@@ -177,6 +178,31 @@ def _validate_stage3(s3: DictConfig) -> None:
         raise ConfigError(f"stage3.data.eval_examples: must be >= 1, got {s3.data.eval_examples}")
     if s3.data.task != "lm" and "{input}" not in s3.data.prompt:
         raise ConfigError(f"stage3.data.prompt: {s3.data.prompt!r} needs an {{input}} placeholder")
+
+
+def _validate_teachers(cfg: DictConfig) -> None:
+    """``stage1_9.teacher`` / ``stage3.teacher``: the served-teacher settings (training/teacher/)."""
+    for stage in ("stage1_9", "stage3"):
+        t, where = cfg[stage].teacher, f"{stage}.teacher"
+        if t.url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(t.url)):
+            raise ConfigError(f"{where}.url: {t.url!r} is not an http(s) URL like http://10.0.0.5:8000")
+        if t.top_k is not None and t.top_k < 1:
+            raise ConfigError(f"{where}.top_k: must be >= 1 (or null: full vocabulary in process), got {t.top_k}")
+        if not t.timeout_s > 0:
+            raise ConfigError(f"{where}.timeout_s: must be > 0, got {t.timeout_s}")
+        if t.retries < 0 or t.backoff_s < 0:
+            raise ConfigError(f"{where}.retries / backoff_s: must be >= 0, got {t.retries} / {t.backoff_s}")
+    if cfg.stage1_9.teacher.url and cfg.stage1_9.loss.lm_loss_weight != 1.0:
+        raise ConfigError(
+            "stage1_9.teacher.url: a served teacher returns logits only, and Stage 1.9's layer-wise loss needs "
+            f"its hidden states (stage1_9.loss.lm_loss_weight={cfg.stage1_9.loss.lm_loss_weight}); set "
+            "stage1_9.loss.lm_loss_weight=1.0 (CE + logits KL only) or drop the url"
+        )
+    if cfg.stage3.teacher.url and cfg.stage3.teacher.pretrained:
+        raise ConfigError(
+            "stage3.teacher: url and pretrained both set; pretrained loads a teacher in process, url uses a "
+            "served one: set only one"
+        )
 
 
 def _validate_distributed(cfg: DictConfig) -> None:

@@ -19,6 +19,8 @@ class StageResult:
     seconds: float = 0.0
     reason: str | None = None
     train_flops: float = 0.0  # training/compute.py's estimate for this stage's optimizer steps
+    # Task metrics on held-out examples (Stage 3 classification: accuracy, its sem, majority_rate).
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_loop(cls, stage: str, loop: Any) -> StageResult:
@@ -79,6 +81,19 @@ class PipelineResult:
             EVAL_BATCH_SEM: self.final_eval_loss_sem,
             "train_flops": self.train_flops,
             "trial_seconds": self.trial_seconds,
+            **self.stage3_metrics(),
+        }
+
+    def stage3_metrics(self) -> dict[str, float | None]:
+        """Stage 3's held-out numbers as sweep metrics: ``stage3_eval_loss`` (answer CE) and its sem,
+        plus the task's (``stage3_accuracy``, ``stage3_accuracy_sem``, ``stage3_majority_rate``)."""
+        s3 = self.stages.get("stage3")
+        if s3 is None or s3.eval_loss is None:
+            return {}
+        return {
+            "stage3_eval_loss": s3.eval_loss,
+            "stage3_eval_loss_sem": s3.eval_loss_sem,
+            **{f"stage3_{k}": v for k, v in s3.metrics.items()},
         }
 
     @classmethod

@@ -23,6 +23,7 @@ from pathlib import Path
 from training.api import ConfigError, compose_config, run_pipeline
 from training.distributed import rank_from_env, teardown_distributed
 from training.runtime import STOP
+from training.teacher.errors import ServedTeacherError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run_pipeline(cfg)
+    except ServedTeacherError as exc:
+        # One line naming the field and the fix; the sweep retries (resuming from the checkpoint) only
+        # when the server was at fault (down, stalled), not for a mismatch a retry would repeat.
+        _write(out, {"status": "failed", "reason": str(exc), "infrastructure": exc.infrastructure})
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - a crash must still leave a result behind for the worker
         tail = traceback.format_exc().splitlines()[-12:]
         _write(

@@ -121,6 +121,31 @@ class LambdaWarmupConfig:
 
 
 @dataclass
+class ServedTeacherConfig:
+    """A teacher served by vLLM (OpenAI-compatible completions with prompt_logprobs) instead of held
+    in memory; docs/served-teacher.md. Only the logits KD can use it (a server returns no hidden
+    states or Q/K/V)."""
+
+    url: str | None = None  # e.g. http://10.0.0.5:8000 (or .../v1); null: the in-process teacher
+    served_model: str | None = None  # the server's model name; null: the only model it serves
+    # KD over the teacher's top-k tokens, renormalised (training/distill/topk.py). null: the full
+    # vocabulary in process, 20 (vLLM's default --max-logprobs) when served.
+    top_k: int | None = None
+    timeout_s: float = 60.0  # per request; a stalled server counts as a failed attempt
+    retries: int = 5  # extra attempts per request, with exponential backoff from backoff_s
+    backoff_s: float = 1.0
+    prefetch: bool = True  # fetch the next batch's answer in a thread while this one trains
+    # Name of the environment variable holding the server's API key (vllm serve --api-key), if any.
+    api_key_env: str | None = "VLLM_API_KEY"
+
+
+@dataclass
+class Stage3TeacherConfig(ServedTeacherConfig):
+    # Hub id or directory of the FP teacher (the paper uses one fine-tuned on the task); null: model's.
+    pretrained: str | None = None
+
+
+@dataclass
 class StageConfig:
     enabled: bool = True
     max_steps: int = 200
@@ -147,6 +172,9 @@ class Stage19Config(StageConfig):
     batch_size: int = 32
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    # A served teacher gives logits only: with a url, lm_loss_weight must be 1 (CE + logits KL, no
+    # layer-wise hidden-state term).
+    teacher: ServedTeacherConfig = field(default_factory=ServedTeacherConfig)
     # Off by default: Stage 1.9 distils the fully ternary student (lambda = 1), as the notebook did.
     lambda_warmup: LambdaWarmupConfig = field(default_factory=lambda: LambdaWarmupConfig(enabled=False))
 
@@ -190,8 +218,8 @@ class Stage3Config(StageConfig):
     # A checkpoint with a "model" state dict of the converted student (e.g. a pipeline's final.pt)
     # to start from; null: the student as the preceding stages (or Stage 1 alone) left it.
     init_checkpoint: str | None = None
-    # Hub id or directory of the FP teacher (the paper uses one fine-tuned on the task); null: model's.
-    teacher: str | None = None
+    # teacher.pretrained: another FP teacher (hub id or directory); teacher.url: a served one.
+    teacher: Stage3TeacherConfig = field(default_factory=Stage3TeacherConfig)
     loss: Stage3LossConfig = field(default_factory=Stage3LossConfig)
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
 

@@ -113,6 +113,8 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     shard_model(model, dctx, dtype=precision.param_dtype, compute_dtype=precision.autocast_dtype)
     fwd = maybe_compile(model, cfg, device)
     runs = stages_to_run(cfg)
+    if not _needs_local_teacher(cfg, runs):
+        teacher = None  # every distilling stage uses a served teacher: free the local copy now
     start = STAGES.index(resume_stage) if resume_stage in STAGES else 0
     offsets = {s: sum(cfg[r].max_steps for r in runs[: runs.index(s)]) for s in runs}
     result = PipelineResult(
@@ -169,6 +171,8 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
     if "stage1_9" in runs and start <= 0:
         opt, sched = optimizer_for(c19, model)
         stateful = {"saliency": student.saliency} if student.saliency else {}
+        served19 = s19.connect_teacher(cfg, tokenizer, model)  # None unless stage1_9.teacher.url
+        loader19 = served19.wrap(data.stage1_9, "stage1_9") if served19 else data.stage1_9
         # stage1_9.lambda_warmup (off by default: lambda = 1 throughout, as before).
         student.lam.schedule = lambda_schedule(cfg, "stage1_9")
         hooks = []
@@ -188,12 +192,12 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             model,
             opt,
             sched,
-            data.stage1_9,
+            loader19,
             with_lambda(
                 s19.make_loss_fn(
                     cfg,
                     steady_forward(fwd, model, lambda: student.saliency is None and student.lam.value == 1.0),
-                    teacher,
+                    served19 or teacher,
                 )
             ),
             device=device,
@@ -207,7 +211,11 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         _auto_batch(trainer, c19, cfg, dctx.enabled)
         if resume_stage == "stage1_9":
             trainer.load_state_dict(state)
-        loop = trainer.fit()
+        try:
+            loop = trainer.fit()
+        finally:
+            if served19 is not None:
+                served19.close()
         stage = StageResult.from_loop("stage1_9", loop)
         result.stages["stage1_9"] = stage
         if loop.status != "completed":
@@ -281,11 +289,12 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
         data3 = s3.build_task_data(cfg, tokenizer, data.stage3, data.eval)
         if c3.init_checkpoint and resume_stage != "stage3":
             s3.load_init_checkpoint(model, c3.init_checkpoint)
-        if teacher is None or c3.teacher:
+        served3 = s3.connect_teacher(cfg, tokenizer, model)  # None unless stage3.teacher.url
+        if served3 is None and (teacher is None or c3.teacher.pretrained):
             teacher = s3.load_stage3_teacher(cfg, device, precision.teacher_dtype, model)
             prepare_teacher(teacher, device, precision)  # bf16-mixed: the same autocast as the student
-        params["stage3_teacher"] = all_params(teacher)
-        loss3 = s3.make_loss_fn(cfg, model, teacher, fwd)
+        params["stage3_teacher"] = all_params(teacher) if served3 is None else 0  # served: the server's FLOPs
+        loss3 = s3.make_loss_fn(cfg, model, teacher, fwd, served=served3)
         opt, sched = optimizer_for(c3, model)
         earlier3 = {k: asdict(v) for k, v in result.stages.items()}
         trainer = Trainer(
@@ -293,7 +302,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             model,
             opt,
             sched,
-            data3.loader,
+            served3.wrap(data3.loader, "stage3") if served3 else data3.loader,
             loss3.fn,
             device=device,
             eval_fn=periodic_eval(data3.eval, lambda: True) if c3.eval_every else None,
@@ -317,6 +326,7 @@ def run_pipeline(cfg: DictConfig) -> PipelineResult:
             return finish(loop.status, loop.reason)
         stage.eval_loss, stage.eval_loss_sem = evaluate_lm(fwd, data3.eval, device)
         extra = s3.task_metrics(cfg, data3, tokenizer, model, device)  # eager: no recompile for a one-off
+        stage.metrics = extra  # in the result: the sweep can optimise stage3_accuracy (results.py)
         metrics.log({"stage": "stage3", "event": "eval", "eval_loss": stage.eval_loss, **extra})
         log.info(
             "stage3 done: %s eval loss %.4f +- %.4f %s",
@@ -356,6 +366,13 @@ def _auto_batch(trainer: Trainer, c: DictConfig, cfg: DictConfig, distributed: b
             start=c.batch_size,
             memory_cap_bytes=memory_target_bytes(c, cfg.run, trainer.device),
         )
+
+
+def _needs_local_teacher(cfg: DictConfig, runs: list[str]) -> bool:
+    """Whether a stage in ``runs`` distils from the in-memory FP teacher (not a served one)."""
+    if "stage1_9" in runs and not cfg.stage1_9.teacher.url:
+        return True
+    return "stage3" in runs and not cfg.stage3.teacher.url and not cfg.stage3.teacher.pretrained
 
 
 def _spec(stage: str, c: DictConfig, checkpoint_every: int) -> LoopSpec:

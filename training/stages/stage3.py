@@ -17,14 +17,22 @@ Other differences from the paper:
   - KD covers every non-padding position (prompt included), not only the answer: the student copies
     the teacher's whole next-token distribution, which for ``task=lm`` is continued pre-training
     distillation. CE stays on the answer.
-  - The teacher is the pipeline's FP model unless ``stage3.teacher`` names another; the paper's
-    teacher is the FP model fine-tuned on the task first (pass such a model there).
+  - The teacher is the pipeline's FP model unless ``stage3.teacher.pretrained`` names another; the
+    paper's teacher is the FP model fine-tuned on the task first (pass such a model there).
+  - ``stage3.teacher.url``: a teacher served by vLLM (training/teacher/). KD_T then runs on its
+    top-k log-probabilities, both distributions renormalised over those k tokens
+    (training/distill/topk.py; ``stage3.teacher.top_k`` gives an in-process teacher the same loss).
+    The attention term is OFF with a served teacher (one log line says so): it needs the teacher's
+    Q/K/V at the distilled layer, which a server does not return, and a local copy of that one
+    layer would not help, because its input is the teacher's hidden state there, which needs every
+    layer below it, i.e. the local teacher a server was meant to replace.
   - Lambda stays 1 (fully ternary) throughout; saliency protection is off (it ends with Stage 1.9).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -44,8 +52,10 @@ from training.data.tasks import (
 )
 from training.distill import logits_kl
 from training.distill.attention import AttentionDistillLoss
+from training.distill.topk import topk_from_logits, topk_kl
 from training.stages.common import load_teacher
 from training.stages.trainer import LossFn
+from training.teacher import ServedTeacher, connect_served_teacher
 
 log = logging.getLogger("training")
 
@@ -54,20 +64,35 @@ log = logging.getLogger("training")
 class Stage3Loss:
     fn: LossFn
     attention: AttentionDistillLoss | None
+    served: ServedTeacher | None = None
 
     def close(self) -> None:
-        """Remove the attention hooks (they hold the latest forward's q/k/v)."""
+        """Remove the attention hooks (they hold the latest forward's q/k/v); stop the prefetch thread."""
         if self.attention is not None:
             self.attention.remove()
+        if self.served is not None:
+            self.served.close()
 
 
 def make_loss_fn(
-    cfg: DictConfig, student: nn.Module, teacher: nn.Module, fwd: nn.Module | None = None
+    cfg: DictConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    fwd: nn.Module | None = None,
+    served: ServedTeacher | None = None,
 ) -> Stage3Loss:
     """The Stage 3 loss over a batch; ``student`` is the eager module (hooks go on its layers),
-    ``fwd`` what to call for its forward (a ``torch.compile`` wrapper of it, or it)."""
+    ``fwd`` what to call for its forward (a ``torch.compile`` wrapper of it, or it). ``served``: the
+    teacher's answers come from a server (``teacher`` is then unused and may be None)."""
     lc = cfg.stage3.loss
     lam, gamma, temperature = float(lc.logits_weight), float(lc.attention_weight), float(lc.temperature)
+    top_k = cfg.stage3.teacher.top_k
+    if served is not None and gamma > 0:
+        log.info(
+            "stage3: attention-relation distillation off (attention_weight=%g ignored): a served teacher "
+            "returns no Q/K/V; the loss is CE + %g * top-%d KD", gamma, lam, served.client.s.top_k,
+        )  # fmt: skip
+        gamma = 0.0
     attention = None
     if gamma > 0:
         attention = AttentionDistillLoss(
@@ -78,7 +103,7 @@ def make_loss_fn(
             relation_heads=int(lc.relation_heads),
         )
     fwd = student if fwd is None else fwd
-    need_teacher = lam > 0 or gamma > 0
+    need_teacher = served is None and (lam > 0 or gamma > 0)
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch.get("attention_mask")
@@ -91,7 +116,13 @@ def make_loss_fn(
         loss = s_out.loss
         metrics = {"ce": s_out.loss.detach().float().item()}
         if lam > 0:
-            kd = logits_kl(s_out.logits, t_out.logits, temperature, mask, scale_by_t2=bool(lc.kd_scale_by_t2))
+            t2 = bool(lc.kd_scale_by_t2)
+            if served is not None:
+                kd = topk_kl(s_out.logits, served.topk(batch), temperature, mask, scale_by_t2=t2)
+            elif top_k is not None:
+                kd = topk_kl(s_out.logits, topk_from_logits(t_out.logits, top_k, mask), temperature, mask, t2)
+            else:
+                kd = logits_kl(s_out.logits, t_out.logits, temperature, mask, scale_by_t2=t2)
             loss = loss + lam * kd
             metrics["kd"] = kd.detach().item()
         if attention is not None:
@@ -100,7 +131,7 @@ def make_loss_fn(
             metrics["attn"] = ad.detach().item()
         return loss, metrics
 
-    return Stage3Loss(loss_fn, attention)
+    return Stage3Loss(loss_fn, attention, served)
 
 
 @dataclass
@@ -180,22 +211,32 @@ def task_metrics(
     )
     targets = [t for _, t in data.eval_pairs]
     majority = max(targets.count(t) for t in set(targets)) / len(targets)
-    return {"accuracy": acc, "majority_rate": majority}
+    # Binomial standard error over the held-out examples (Ax's noise), floored at 1/n so an accuracy
+    # of 0 or 1 is not reported as exact.
+    sem = math.sqrt(max(acc * (1.0 - acc), 1.0 / len(targets)) / len(targets))
+    return {"accuracy": acc, "accuracy_sem": sem, "majority_rate": majority}
+
+
+def connect_teacher(cfg: DictConfig, tokenizer: Any, student: nn.Module) -> ServedTeacher | None:
+    """The served teacher of ``stage3.teacher.url``, checked against the student's tokenizer, or None."""
+    vocab = student.get_output_embeddings().weight.shape[0]
+    return connect_served_teacher(cfg.stage3.teacher, "stage3.teacher", tokenizer, vocab, cfg.data.seq_len)
 
 
 def load_stage3_teacher(
     cfg: DictConfig, device: torch.device, dtype: torch.dtype, student: nn.Module
 ) -> nn.Module:
-    """The frozen FP teacher for Stage 3: ``stage3.teacher`` if set, else the model config's teacher."""
-    if cfg.stage3.teacher:
+    """The frozen FP teacher for Stage 3: ``stage3.teacher.pretrained`` if set, else the model's."""
+    name = cfg.stage3.teacher.pretrained
+    if name:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-        cfg.model.pretrained = cfg.stage3.teacher
+        cfg.model.pretrained = name
     teacher, _ = load_teacher(cfg, device, dtype)
     t_vocab = teacher.get_output_embeddings().weight.shape[0]
     s_vocab = student.get_output_embeddings().weight.shape[0]
     if t_vocab != s_vocab:
         raise ValueError(
-            f"stage3.teacher: {cfg.stage3.teacher!r} has a {t_vocab}-token vocabulary, the student {s_vocab}; "
+            f"stage3.teacher.pretrained: {name!r} has a {t_vocab}-token vocabulary, the student {s_vocab}; "
             "the teacher must share the student's tokenizer"
         )
     return teacher
