@@ -8,9 +8,17 @@ The notebook's two findings, re-measured with the real pipeline (``training.api.
 - "Stage 1.9 Value Test": Stage 1.9 (layer-wise distillation) before Stage 2 gives a lower final loss
   after the same number of Stage 2 steps (``stage1_9.enabled=false``).
 
-All four combinations run for every seed (same seeds for every variant). The seed sets ``data.seed``
-(the train/eval split and both stages' batch order) and ``run.seed``; on CPU the pipeline is otherwise
-deterministic, so ``run.seed`` alone would repeat the same run. Per run we record:
+and, since Stage 1.9 has its own lambda (``stage1_9.lambda_warmup``) and Stage 2 a choice of where its
+lambda starts (``stage2.lambda_start: restart | continue``), the variants where Stage 1.9 itself warms
+lambda up (over ``--s19-warmup-steps``, or over all its steps: ``warm-all``) and Stage 2 then restarts
+its warmup at 0 or continues at Stage 1.9's final lambda (1: lambda = 1 from Stage 2's first step).
+
+Every selected variant runs for every seed (same seeds for every variant). ``--seed-mode data`` (the
+first table in docs/benchmarks.md): the seed sets ``data.seed`` (the train/eval split and both stages'
+batch order) and ``run.seed``; ``--seed-mode order``: the seed sets ``data.order_seed`` only, so every
+run is scored on the same eval blocks (``data.seed=0``: the tiny teacher's own held-out blocks) and
+seeds differ in training-batch order alone. On CPU the pipeline is otherwise deterministic, so
+``run.seed`` alone would repeat the same run. Per run we record:
 
 - Stage 2 start loss: the train loss of Stage 2's first step (lambda = 0 with warmup, 1 without),
   and the mean of its first 5 steps;
@@ -18,6 +26,8 @@ deterministic, so ``run.seed`` alone would repeat the same run. Per run we recor
 - final eval loss: held-out CE at lambda = 1 (the sweep objective) +- its standard error over eval batches.
 
     .venv/bin/python scripts/bench_lambda_warmup.py --out runs/bench_lambda_warmup.json
+    .venv/bin/python scripts/bench_lambda_warmup.py --seed-mode order --variants stage19-lambda \
+        --out runs/bench_lambda_warmup_s19.json
 """
 
 from __future__ import annotations
@@ -41,24 +51,38 @@ from training.api import compose_config, run_pipeline  # noqa: E402
 from training.stages.common import build_data, build_student, load_teacher  # noqa: E402
 from training.stages.trainer import evaluate_lm  # noqa: E402
 
-# (name, Stage 1.9 on, lambda warmup on)
+# (name, Stage 1.9 on, Stage 1.9 lambda warmup: None | "part" (--s19-warmup-steps) | "all" (every
+#  Stage 1.9 step), Stage 2 lambda warmup on, stage2.lambda_start)
 VARIANTS = (
-    ("s19+warmup", True, True),
-    ("s19, lambda=1", True, False),
-    ("no s19, warmup", False, True),
-    ("no s19, lambda=1", False, False),
+    ("s19+warmup", True, None, True, "restart"),
+    ("s19, lambda=1", True, None, False, "restart"),
+    ("no s19, warmup", False, None, True, "restart"),
+    ("no s19, lambda=1", False, None, False, "restart"),
+    ("s19 warm, S2 restart", True, "part", True, "restart"),
+    ("s19 warm, S2 continue", True, "part", True, "continue"),
+    ("s19 warm-all, S2 restart", True, "all", True, "restart"),
+    ("s19 warm-all, S2 continue", True, "all", True, "continue"),
 )
+VARIANT_SETS = {
+    "all": [v[0] for v in VARIANTS],
+    "notebook": [v[0] for v in VARIANTS[:4]],
+    # The Stage 1.9 lambda study: today's two Stage 1.9 variants as the reference, plus the four new ones.
+    "stage19-lambda": ["s19+warmup", "s19, lambda=1", *[v[0] for v in VARIANTS[4:]]],
+}
 EDGE = 5  # steps averaged for the "first 5" / "last 5" losses
 
 
-def _overrides(args, seed: int, s19: bool, warmup: bool, out: Path) -> list[str]:
+def _overrides(args, seed: int, variant: tuple, out: Path) -> list[str]:
+    _, s19, s19_warm, warmup, start = variant
+    seeds = [f"data.seed={seed}"] if args.seed_mode == "data" else ["data.seed=0", f"data.order_seed={seed}"]
+    s19_warm_steps = {None: 0, "part": args.s19_warmup_steps, "all": args.s19_steps}[s19_warm]
     return [
         "model=tiny",
         "run.device=cpu",
         f"run.out_dir={out}",
         "run.resume=false",
         f"run.seed={seed}",
-        f"data.seed={seed}",
+        *seeds,
         f"data.eval_blocks={args.eval_blocks}",
         f"data.eval_batch_size={args.eval_batch_size}",
         f"stage1_9.max_steps={args.s19_steps}",
@@ -66,6 +90,12 @@ def _overrides(args, seed: int, s19: bool, warmup: bool, out: Path) -> list[str]
         f"stage2.lambda_warmup.warmup_steps={args.warmup_steps}",
         f"stage1_9.enabled={str(s19).lower()}",
         f"stage2.lambda_warmup.enabled={str(warmup).lower()}",
+        f"stage1_9.lambda_warmup.enabled={str(s19_warm is not None).lower()}",
+        f"stage1_9.lambda_warmup.warmup_steps={s19_warm_steps}",
+        f"stage2.lambda_start={start}",
+        # Batch 8 (the table's recipe) whatever the schema's default effective batch is.
+        "stage1_9.batch_size=8",
+        "stage2.batch_size=8",
         *args.override,
     ]
 
@@ -73,7 +103,7 @@ def _overrides(args, seed: int, s19: bool, warmup: bool, out: Path) -> list[str]
 def stage1_probe(args, seed: int, root: Path) -> dict[str, float]:
     """Held-out loss with no training: the teacher, and the Stage 1 student (SubLN + BitLinear) at
     lambda = 0 (teacher + SubLN: BitLinear is exactly nn.Linear there) and at lambda = 1 (ternary)."""
-    cfg = compose_config(_overrides(args, seed, True, True, root / f"probe{seed}"))
+    cfg = compose_config(_overrides(args, seed, VARIANTS[0], root / f"probe{seed}"))
     device = torch.device("cpu")
     teacher, tokenizer = load_teacher(cfg, device, torch.float32)
     data = build_data(cfg, tokenizer)
@@ -85,9 +115,9 @@ def stage1_probe(args, seed: int, root: Path) -> dict[str, float]:
     return probe
 
 
-def run_one(args, seed: int, s19: bool, warmup: bool, root: Path) -> dict[str, Any]:
-    out = root / f"seed{seed}-s19{int(s19)}-warm{int(warmup)}"
-    overrides = _overrides(args, seed, s19, warmup, out)
+def run_one(args, seed: int, variant: tuple, root: Path) -> dict[str, Any]:
+    out = root / f"seed{seed}-{VARIANTS.index(variant)}"
+    overrides = _overrides(args, seed, variant, out)
     start = time.perf_counter()
     result = run_pipeline(compose_config(overrides))
     seconds = time.perf_counter() - start
@@ -125,7 +155,13 @@ def main() -> None:
     parser.add_argument("--s19-steps", type=int, default=60)
     parser.add_argument("--s2-steps", type=int, default=60)
     parser.add_argument("--warmup-steps", type=int, default=30, help="stage2.lambda_warmup.warmup_steps")
-    parser.add_argument("--eval-blocks", type=int, default=48, help="data.eval_blocks (default config: 16)")
+    parser.add_argument("--s19-warmup-steps", type=int, default=30,
+                        help="stage1_9.lambda_warmup.warmup_steps of the 's19 warm' variants")
+    parser.add_argument("--variants", default="notebook",
+                        help=f"a set ({', '.join(VARIANT_SETS)}) or comma-separated variant names")
+    parser.add_argument("--seed-mode", choices=("data", "order"), default="data",
+                        help="data: a seed sets data.seed (split + order); order: data.order_seed only")
+    parser.add_argument("--eval-blocks", type=int, default=48, help="data.eval_blocks")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     parser.add_argument(
@@ -141,9 +177,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    names = VARIANT_SETS.get(args.variants) or [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = sorted(set(names) - {v[0] for v in VARIANTS})
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; sets: {', '.join(VARIANT_SETS)}; names: "
+                     f"{', '.join(v[0] for v in VARIANTS)}")
+    selected = [v for v in VARIANTS if v[0] in names]
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, _, _ in VARIANTS}
+    runs: dict[str, dict[int, dict[str, Any]]] = {v[0]: {} for v in selected}
     probes: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_lambda_warmup-") as tmp:
         for seed in seeds:
@@ -154,12 +196,13 @@ def main() -> None:
                 f"lambda=1 {probes[seed]['stage1_lambda1']:.3f}",
                 flush=True,
             )
-            for name, s19, warmup in VARIANTS:
-                row = run_one(args, seed, s19, warmup, Path(tmp))
+            for variant in selected:
+                name = variant[0]
+                row = run_one(args, seed, variant, Path(tmp))
                 runs[name][seed] = row
                 if row["status"] == "completed":
                     print(
-                        f"seed {seed} {name:17s}: S2 start {row['s2_start']:.3f}, end {row['s2_end5']:.3f}, "
+                        f"seed {seed} {name:25s}: S2 start {row['s2_start']:.3f}, end {row['s2_end5']:.3f}, "
                         f"final eval {row['final_eval']:.3f} +- {row['final_eval_sem']:.3f} "
                         f"({row['seconds']:.0f}s)",
                         flush=True,
@@ -175,7 +218,8 @@ def main() -> None:
     # ---- per-variant table: mean over seeds (min-max) --------------------------------------------
     print(
         f"\ntiny model, CPU fp32; Stage 1.9 {args.s19_steps} steps, Stage 2 {args.s2_steps} steps, "
-        f"lambda warmup {args.warmup_steps} steps (linear); seeds {seeds}; {args.threads} thread(s); "
+        f"lambda warmup {args.warmup_steps} steps (linear; Stage 1.9's: {args.s19_warmup_steps}); "
+        f"seeds {seeds} ({args.seed_mode}); {args.threads} thread(s); "
         f"{total_s:.0f}s; "
         f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}\n"
     )
@@ -191,7 +235,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table = {}
-    for name, _, _ in VARIANTS:
+    for name in runs:
         rs = list(done[name].values())
         if not rs:
             print(f"| {name} | no completed run |" + " |" * (len(header) - 2))
@@ -226,7 +270,7 @@ def main() -> None:
     def paired(a: str, b: str, key: str, relative: bool) -> list[float]:
         out = []
         for seed in seeds:
-            if seed in done[a] and seed in done[b]:
+            if a in done and b in done and seed in done[a] and seed in done[b]:
                 x, y = done[a][seed][key], done[b][seed][key]
                 out.append(1.0 - x / y if relative else y - x)
         return out
@@ -257,6 +301,22 @@ def main() -> None:
             "s19+warmup", "no s19, warmup", "s2_end5", True
         ),
     }
+    # Stage 1.9 with its own warmup: does Stage 2's restarted warmup (lambda 0) now start lower than
+    # continuing at Stage 1.9's final lambda (1), the notebook's "~30% lower Stage 2 start"?
+    for warm in ("warm", "warm-all"):
+        r, c = f"s19 {warm}, S2 restart", f"s19 {warm}, S2 continue"
+        effects[f"S2 restart vs continue after s19 {warm}: S2 start (step 1)"] = paired(r, c, "s2_start", True)
+        effects[f"S2 restart vs continue after s19 {warm}: S2 start (first {EDGE})"] = paired(
+            r, c, "s2_start5", True
+        )
+        effects[f"S2 restart vs continue after s19 {warm}: final eval"] = paired(r, c, "final_eval", True)
+        effects[f"s19 {warm} vs s19 at lambda=1 (both S2 restart): final eval"] = paired(
+            r, "s19+warmup", "final_eval", True
+        )
+        effects[f"s19 {warm} + S2 continue vs s19 at lambda=1 + S2 lambda=1: final eval"] = paired(
+            c, "s19, lambda=1", "final_eval", True
+        )
+    effects = {k: v for k, v in effects.items() if v}
     print("\n| paired effect (same seed) | per seed | mean |")
     print("|---|---|---|")
     for label, xs in effects.items():
@@ -272,7 +332,10 @@ def main() -> None:
         "load_avg_end": load_end,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "variants": {name: {"stage1_9": s19, "lambda_warmup": w} for name, s19, w in VARIANTS},
+        "variants": {
+            v[0]: {"stage1_9": v[1], "stage1_9_lambda_warmup": v[2], "lambda_warmup": v[3], "lambda_start": v[4]}
+            for v in selected
+        },
         "before_training": {str(s): p for s, p in probes.items()},
         "runs": {name: {str(s): r for s, r in by_seed.items()} for name, by_seed in runs.items()},
         "means": table,
