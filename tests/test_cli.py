@@ -126,7 +126,7 @@ def test_status_and_report_find_the_experiment(finished: tuple[Path, Done], tmp_
     # ...and --name within a root.
     shows_the_sweep(sweep("status", "--store", str(root), "--name", "clirun", cwd=tmp_path))
 
-    done = sweep("report", "--out", str(tmp_path / "rep"), cwd=tmp_path, env=env)
+    done = sweep("report", "--out", str(tmp_path / "rep"), cwd=tmp_path, env=env, timeout_s=240)  # Ax analyses + plots: slow on a loaded CPU
     assert done.rc == 0, done.err
     assert "best configuration" in done.out and f"report written to {tmp_path / 'rep'}" in done.out
     with (tmp_path / "rep" / "trials.csv").open() as fh:

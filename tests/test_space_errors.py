@@ -50,11 +50,11 @@ CASES = [
     (
         "budgett",
         {"trials": 1},
-        "unknown key 'budgett'; allowed: name, description, objective, budget, "
+        "unknown key 'budgett'; allowed: name, description, objective, objectives, budget, "
         "base_overrides, parameters, trial, early_stopping, tracking",
     ),
     ("budget", DELETE, "budget: missing (required)"),
-    ("budget.sobol", 3, "budget: unknown key 'sobol'; allowed: trials, sobol_trials, seed"),
+    ("budget.sobol", 3, "budget: unknown key 'sobol'; allowed: trials, sobol_trials, seed, warm_start"),
     ("budget.sobol_trials", 12, "budget.sobol_trials: must be <= budget.trials (8), got 12"),
     ("budget.trials", "ten", "budget.trials: must be an integer, got 'ten'"),
     ("budget.trials", True, "budget.trials: must be an integer, got true"),
@@ -231,13 +231,13 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     [
         (
             "",
-            "the space is empty; expected a mapping with keys name, description, objective, budget, "
-            "base_overrides, parameters, trial, early_stopping, tracking",
+            "the space is empty; expected a mapping with keys name, description, objective, objectives, "
+            "budget, base_overrides, parameters, trial, early_stopping, tracking",
         ),
         (
             "- a\n- b\n",
-            "the space: must be a mapping with keys name, description, objective, budget, base_overrides, "
-            "parameters, trial, early_stopping, tracking, got ['a', 'b']",
+            "the space: must be a mapping with keys name, description, objective, objectives, budget, "
+            "base_overrides, parameters, trial, early_stopping, tracking, got ['a', 'b']",
         ),
         ("name: a\nname: b\n", "line 2: duplicate key 'name' (first at line 1)"),
         ("name: [a\n", "not valid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)"),
