@@ -12,6 +12,13 @@ place, so a reader never follows the pointer to a half-written checkpoint.
 usual credential discovery. gcsfs retries 408/429/5xx and connection errors with exponential
 backoff and jitter; other failures raise :class:`CheckpointError`, one line naming the bucket and
 the fix.
+
+Checkpoint bytes come from a bucket that others can write, so they are never unpickled: loads use
+``torch.load(weights_only=True)``, which admits tensors and plain Python values only, and refuse
+anything else with :class:`UnsafeCheckpointError` before any of it runs. Every state the trainer
+saves is kept in that form (RNG states as lists and tensors, loader positions as ints, APOLLO's
+projectors as plain dicts), and ``save`` checks it, so a checkpoint that could not be loaded back
+is never written.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import io
 import json
 import logging
 import os
+import pickle
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +44,16 @@ class CheckpointError(OSError):
     """A checkpoint could not be written or read; the message names the location and the fix."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled objects other than tensors and plain values: refused, nothing in it ran."""
+
+
+# What ``torch.load(weights_only=True)`` rebuilds without running code (besides tensors), by exact type:
+# a subclass (defaultdict, a namedtuple, DTensor) pickles as a global that the load refuses.
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.Size)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class CheckpointManager:
     def __init__(self, root: str, keep: int = 2) -> None:
         self.root = root.rstrip("/")
@@ -46,6 +65,7 @@ class CheckpointManager:
         return f"{self._path}/{name}"
 
     def save(self, name: str, state: dict[str, Any]) -> str:
+        check_plain(state, f"checkpoint {name}")
         buf = io.BytesIO()
         torch.save(state, buf)
         with self._errors(f"write {name}.pt"):
@@ -128,7 +148,7 @@ class CheckpointManager:
     def load(self, name: str) -> dict[str, Any]:
         with self._errors(f"read {name}.pt"):
             data = self.fs.cat_file(self._p(f"{name}.pt"))
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        return load_plain(data, f"{self.root}/{name}.pt")
 
     def prune_to(self, name: str) -> None:
         """Keep only ``name`` (a finished trial needs its final checkpoint, not the intermediate ones)."""
@@ -137,6 +157,53 @@ class CheckpointManager:
                 if old != name:
                     self._remove(old)
             self._write_pointer(name, [name])
+
+
+def load_plain(data: bytes, where: str) -> Any:
+    """Tensors and plain values from checkpoint bytes; :class:`UnsafeCheckpointError` for anything else.
+
+    The restricted unpickler stops at the first global it does not know, before calling it, so a
+    malicious ``__reduce__`` never runs. A truncated or foreign file is refused the same way.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"checkpoint {where}: refused, it is not plain tensors ({_unpickler_reason(exc)}); nothing in it "
+            "was run. This version writes only tensors and plain values: a checkpoint from an older "
+            "version must be deleted (the trial then restarts from its start)"
+        ) from None
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The one informative line of torch's multi-paragraph weights_only error."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not line.startswith(("Weights only load failed", "Please file an issue", "Check the doc")):
+            return line[:200]
+    return type(exc).__name__
+
+
+def check_plain(value: Any, where: str, path: str = "") -> None:
+    """Raise ValueError naming the first field of ``value`` that a weights_only load would refuse."""
+    kind = type(value)
+    if kind in _PLAIN_LEAVES or kind in _PLAIN_TENSORS:
+        return
+    if kind in (dict, OrderedDict):
+        for k, v in value.items():
+            check_plain(k, where, f"{path}[key {k!r}]")
+            check_plain(v, where, f"{path}.{k}" if path else str(k))
+        return
+    if kind in (list, tuple, set):
+        for i, v in enumerate(value):
+            check_plain(v, where, f"{path}[{i}]")
+        return
+    raise ValueError(
+        f"{where}: field {path or '<root>'} is a {kind.__module__}.{kind.__qualname__}; a checkpoint may "
+        "hold only tensors and plain Python values (loads use torch.load(weights_only=True)): store it as those"
+    )
 
 
 def storage_options(root: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from training.api import ConfigError, compose_config, run_pipeline
+from training.checkpoint import UnsafeCheckpointError
 from training.distributed import rank_from_env, teardown_distributed
 from training.runtime import STOP
 from training.teacher.errors import ServedTeacherError
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run_pipeline(cfg)
+    except UnsafeCheckpointError as exc:
+        # Not an infrastructure failure: another worker would find the same planted file. One line, no
+        # traceback; the reason names the checkpoint so an operator can delete it.
+        _write(out, {"status": "failed", "reason": str(exc), "infrastructure": False})
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ServedTeacherError as exc:
         # One line naming the field and the fix; the sweep retries (resuming from the checkpoint) only
         # when the server was at fault (down, stalled), not for a mismatch a retry would repeat.

@@ -5,7 +5,14 @@ so only the source was checked, not a run): ``APOLLOAdamW(params, lr, betas, eps
 a param group that has a ``"rank"`` key is optimised in a random-projection subspace and needs
 ``proj`` ("random"), ``scale_type`` ("channel" | "tensor"), ``scale``, ``update_proj_gap`` and
 ``proj_type`` ("std"); groups without ``"rank"`` get plain AdamW. Per-group ``weight_decay`` is
-honoured. Its state holds projector objects, so its state_dict needs ``torch.load(weights_only=False)``.
+honoured.
+
+Checkpoints: upstream keeps a ``GradientProjector`` object in each low-rank parameter's state, which
+only an unrestricted unpickler could load. Checkpoints are loaded with ``weights_only=True``
+(training/checkpoint.py), so the optimizer built here turns each projector into a plain dict of its
+attributes (ints, floats, strings, the ortho-matrix tensor, the next seed) in ``state_dict()``, and
+back into a ``GradientProjector`` in ``load_state_dict()``: a resumed run projects with the same
+matrix and seed sequence as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -63,4 +70,59 @@ def build_apollo(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer
         warnings.filterwarnings(
             "ignore", message="This implementation of AdamW is deprecated", category=FutureWarning
         )
-        return APOLLOAdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        opt = APOLLOAdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    opt.register_state_dict_post_hook(_projectors_to_plain)
+    opt.register_load_state_dict_post_hook(_plain_to_projectors)
+    return opt
+
+
+# The projector classes apollo_torch keeps in optimizer state, by the tag its plain form records.
+# A fixed table, never a class name read from the checkpoint: loading builds only these.
+_PROJECTORS = {"random": ("apollo_torch.random_projector", "GradientProjector")}
+_TAG = "apollo_projector"
+
+
+def _projector_class(kind: str) -> type:
+    import importlib
+
+    module, name = _PROJECTORS[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def _projectors_to_plain(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """state_dict post-hook: each projector object becomes ``{_TAG: kind, **its attributes}``.
+
+    Strings (the kind, ``proj_type``) are stored as UTF-8 bytes: ``Optimizer.load_state_dict`` deep-copies
+    the state by rebuilding every iterable as ``type(value)(generator)``, which turns a ``str`` into the
+    repr of a generator but rebuilds ``bytes`` intact. The per-parameter dicts of ``state_dict["state"]``
+    are the optimizer's live ones, so they are copied, never changed in place: the running optimizer
+    keeps its projector objects.
+    """
+    packed = {}
+    for index, per_param in state_dict["state"].items():
+        projector = per_param.get("projector")
+        if projector is not None and not isinstance(projector, dict):
+            kind = next((k for k in _PROJECTORS if isinstance(projector, _projector_class(k))), None)
+            if kind is None:
+                raise TypeError(
+                    f"apollo: cannot checkpoint a {type(projector).__qualname__} projector (only proj='random' "
+                    "is supported, as build_apollo configures it)"
+                )
+            attrs = {k: v.encode() if isinstance(v, str) else v for k, v in vars(projector).items()}
+            per_param = {**per_param, "projector": {**attrs, _TAG: kind.encode()}}
+        packed[index] = per_param
+    return {**state_dict, "state": packed}
+
+
+def _plain_to_projectors(optimizer: torch.optim.Optimizer) -> None:
+    """load_state_dict post-hook: rebuild the projector objects from their plain form."""
+    for per_param in optimizer.state.values():
+        plain = per_param.get("projector")
+        if isinstance(plain, dict):
+            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in plain.items()}
+            kind = attrs.pop(_TAG, None)
+            if kind not in _PROJECTORS:
+                raise ValueError(f"apollo: checkpoint has a projector of unknown kind {kind!r}; expected 'random'")
+            projector = _projector_class(kind).__new__(_projector_class(kind))
+            vars(projector).update(attrs)
+            per_param["projector"] = projector
