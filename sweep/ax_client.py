@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ from sweep.space import SearchSpace
 # Ax logs every generated and completed trial at INFO on stderr; the worker logs its own line per
 # claim, so keep Ax to warnings unless asked (SWEEP_AX_LOG_LEVEL=INFO).
 set_stderr_log_level(getattr(logging, os.environ.get("SWEEP_AX_LOG_LEVEL", "WARNING").upper(), logging.WARNING))
+# Two-objective sweeps give Ax no objective thresholds on purpose (a FLOP budget or a loss bar is not
+# known before the sweep): Ax infers the reference point from the data, and says so on every
+# proposal; BoTorch's MOO helper adds a torch copy-construct warning. Neither is actionable here.
+warnings.filterwarnings("ignore", message="Encountered a `MultiObjective` without objective thresholds")
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", module="ax.generators.torch.botorch_moo_utils")
+
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,8 @@ def new_client(space: SearchSpace) -> Client:
     client.configure_experiment(
         parameters=space.ax_parameter_configs(), name=space.name, description=space.description or None
     )
-    client.configure_optimization(objective=space.objective.ax_objective)
+    # One metric, or "-final_eval_loss, -train_flops": Ax's multi-objective form (qNEHVI on the front).
+    client.configure_optimization(objective=space.ax_objective)
     client.configure_generation_strategy(
         initialization_budget=space.budget.sobol_trials,
         initialization_random_seed=space.budget.seed,
@@ -167,9 +175,28 @@ def generate(client: Client) -> Generated | Wait | Exhausted:
     return Generated(index=index, params=dict(params), node=str(node))
 
 
-def complete(client: Client, index: int, metric: str, value: tuple[float, float | None]) -> None:
+def complete(
+    client: Client,
+    index: int,
+    metric: str,
+    value: tuple[float, float | None],
+    extra: dict[str, float] | None = None,
+) -> None:
+    """Complete trial ``index`` with the objective ``(mean, sem)`` and, in a two-objective sweep,
+    the other objectives' values (``extra``, see :func:`extra_objective_data`)."""
     mean, sem = value
-    client.complete_trial(index, raw_data={metric: mean if sem is None else (mean, sem)})
+    client.complete_trial(
+        index, raw_data={metric: mean if sem is None else (mean, sem), **extra_objective_data(extra)}
+    )
+
+
+def extra_objective_data(values: dict[str, float] | None) -> dict[str, float]:
+    """Ax raw data for the compute objectives: bare means, so Ax infers their noise.
+
+    ``train_flops`` is deterministic and ``trial_seconds`` is measured once per trial: neither comes
+    with a standard error, and no SEM is better than a made-up one.
+    """
+    return {name: float(v) for name, v in (values or {}).items()}
 
 
 def early_stop(client: Client, index: int, metric: str, value: tuple[float, float | None] | None) -> None:

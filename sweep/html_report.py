@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sweep.plots import STATE_COLOR, Figure
-from sweep.report import fmt_duration
+from sweep.report import fmt_compute, fmt_duration
 from sweep.report import fmt_loss as _loss
 
 _CSS = """
@@ -61,6 +61,7 @@ def render(
     ax_figures: Sequence[Figure],
     trials: Sequence[dict[str, Any]],
     files: Sequence[str],
+    pareto: Sequence[dict[str, Any]] | None = None,
 ) -> str:
     status = view.status
     parts = [
@@ -74,6 +75,7 @@ def render(
         _cards(view),
         "<h2>Best configuration</h2>",
         _best(best, status.metric),
+        *(_pareto(pareto, status.metric, view.compute_metric) if pareto is not None else ()),
         "<h2>Optimization</h2>",
         _figures(figures),
         "<h2>Ax analyses</h2>",
@@ -134,6 +136,29 @@ def _best(best: dict[str, Any] | None, metric: str) -> str:
     )
 
 
+def _pareto(front: Sequence[dict[str, Any]], metric: str, compute: str) -> tuple[str, str]:
+    """The Pareto-optimal trials of a two-objective sweep, cheapest first, with their commands."""
+    title = f"<h2>Pareto-optimal trials ({_e(metric)} vs {_e(compute)})</h2>"
+    if not front:
+        return title, '<div class="note">No completed trial reports both objectives yet.</div>'
+    rows = []
+    for t in front:
+        params = ", ".join(f"{k}={_value(v)}" for k, v in t["params"].items())
+        rows.append(
+            f'<tr><td class="num">&#9733; {t["trial"]}</td><td>{_e(t["phase"])}</td>'
+            f'<td class="num">{_e(_loss(t[metric], t.get(metric + "_sem")))}</td>'
+            f'<td class="num">{_e(fmt_compute(compute, t[compute]))}</td><td>{_e(params)}</td>'
+            f'<td><pre>{_e(t["command"])}</pre></td></tr>'
+        )
+    head = "".join(
+        f"<th>{_e(h)}</th>" for h in ("trial", "phase", f"{metric} ± SE", compute, "parameters", "reproduce")
+    )
+    table = (
+        f'<table class="trials pareto"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
+    return title, table
+
+
 def _figures(figures: Sequence[Figure]) -> str:
     out = []
     for f in figures:
@@ -156,6 +181,7 @@ def _figures(figures: Sequence[Figure]) -> str:
 
 def _trial_table(trials: Sequence[dict[str, Any]], space: Any, metric: str) -> str:
     names = [p.name for p in space.searched]
+    compute = space.compute_objective.metric if space.compute_objective is not None else None
     head = [
         "trial",
         "phase",
@@ -163,6 +189,7 @@ def _trial_table(trials: Sequence[dict[str, Any]], space: Any, metric: str) -> s
         "att.",
         *names,
         f"{metric} ± SE",
+        *((compute,) if compute else ()),
         "stage:step",
         "time",
         "reason / note",
@@ -171,12 +198,13 @@ def _trial_table(trials: Sequence[dict[str, Any]], space: Any, metric: str) -> s
     for t in trials:
         params = t["params"]
         cells = [
-            f'<td class="num">{t["trial"]}</td>',
+            f'<td class="num">{t["trial"]}{" &#9733;" if t.get("pareto") else ""}</td>',
             f"<td>{_e(t['phase'])}</td>",
             f"<td>{_chip(t['state'])}</td>",
             f'<td class="num">{t["attempts"]}{_preempted(t)}</td>',
             *(f'<td class="num">{_e(_value(params[n])) if n in params else "&ndash;"}</td>' for n in names),
             f'<td class="num">{_e(_loss(t.get(metric), t.get(metric + "_sem")))}{_estimate(t, metric)}</td>',
+            *((f'<td class="num">{_e(fmt_compute(compute, t["metrics"].get(compute)))}</td>',) if compute else ()),
             f'<td class="num">{_e(_stage_step(t))}</td>',
             f'<td class="num">{_e(fmt_duration(t.get("wall_s")))}</td>',
             f'<td class="reason">{_e(t.get("reason") or "")}</td>',

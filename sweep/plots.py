@@ -407,3 +407,55 @@ def cross_validation(df: Any, metric: str, r2: float | None, out_dir: Path) -> F
         "the dashed diagonal are predicted well" + (f"; R² = {r2:.2f}." if r2 is not None else ".")
     )
     return Figure("ax_cross_validation.png", title, caption)
+
+
+# -------------------- Pareto front (two-objective sweeps) -----------------------------------
+
+
+def pareto_front(rows: Sequence[Any], space: Any, metric: str, compute: str, out_dir: Path) -> Figure:
+    """Loss against compute for every completed trial, the Pareto-optimal ones joined up.
+
+    The front is the rows' ``pareto`` marks (sweep.status); the x axis is logarithmic when every
+    compute value is positive, as FLOP counts across a length sweep span orders of magnitude.
+    """
+    from sweep.status import pareto_candidates
+
+    title = f"Pareto front: {metric} vs {compute}"
+    pts = pareto_candidates(rows, space)
+    if not pts:
+        return Figure("", title, "", note=f"no completed trial reports both {metric} and {compute} yet")
+    xs = {r.index: float(r.metrics[compute]) for r in pts}
+    front = sorted((r for r in pts if r.pareto), key=lambda r: (xs[r.index], r.index))
+    others = [r for r in pts if not r.pareto]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for phase, color in PHASE_COLOR.items():
+        group = [r for r in others if r.phase == phase]
+        if group:
+            ax.scatter([xs[r.index] for r in group], [r.loss for r in group], color=color, s=34, zorder=3,
+                       edgecolor="white", linewidth=0.6, label=f"{phase} trial")
+    other_phases = [r for r in others if r.phase not in PHASE_COLOR]
+    if other_phases:
+        ax.scatter([xs[r.index] for r in other_phases], [r.loss for r in other_phases], color="#777777",
+                   s=34, zorder=3, edgecolor="white", linewidth=0.6, label="other trial")
+    # The attainment staircase: up to the next front point's compute, the best loss on offer is this one's.
+    ax.step([xs[r.index] for r in front], [r.loss for r in front], where="post", color=HIGHLIGHT[1], lw=1.6,
+            zorder=4, label=f"Pareto front ({len(front)} trials)")
+    ax.scatter([xs[r.index] for r in front], [r.loss for r in front], marker="*", s=190, color="gold",
+               edgecolor="black", linewidth=0.8, zorder=5)
+    for r in front:
+        ax.annotate(str(r.index), (xs[r.index], r.loss), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    log = all(v > 0 for v in xs.values())
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(compute + (" (log scale)" if log else ""))
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    _save(fig, out_dir, "pareto_front.png")
+    caption = (
+        f"{metric} against {compute} for each of the {len(pts)} completed trials. Stars, joined by the red "
+        f"staircase, are the Pareto-optimal trials (numbered): no other trial is at least as cheap and as "
+        f"good and strictly better in one of the two ({'lower' if space.objective.minimize else 'higher'} "
+        f"{metric} is better). Their reproduce commands are listed under 'Pareto-optimal trials'."
+    )
+    return Figure("pareto_front.png", title, caption, wide=True, max_px=900)

@@ -18,6 +18,10 @@ one folder:
 * ``report.html`` (:mod:`sweep.html_report`) -- all of it on one page that references only
   those files.
 
+A two-objective sweep (``objectives: [quality, compute]``) also gets ``pareto.json`` (the
+Pareto-optimal trials, cheapest first, with their reproduce commands), ``pareto_front.png`` and
+both in the console and on the page; ``status`` stars those trials and shows the compute column.
+
 It works on a running sweep and on one with failures: every number is what the store holds
 at that moment, and a plot or an Ax analysis that cannot be drawn yet is replaced by a one-line
 note saying why.
@@ -60,6 +64,7 @@ PLOT_FILES = (
     "curves_stage2.png",
     "ax_sensitivity.png",
     "ax_cross_validation.png",
+    "pareto_front.png",
 )
 
 
@@ -72,6 +77,13 @@ def fmt_loss(loss: Any, sem: Any = None) -> str:
     if isinstance(sem, (int, float)) and not isinstance(sem, bool) and math.isfinite(sem):
         return f"{loss:.4f} ± {sem:.4f}"
     return f"{loss:.4f}"
+
+
+def fmt_compute(metric: str, value: Any) -> str:
+    """A compute metric for a table: FLOPs in 3 significant digits (1.23e+15), seconds to 0.1 s."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    return f"{value:.1f}s" if metric == "trial_seconds" else f"{value:.3g}"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -148,6 +160,7 @@ class SweepView:
     status: Any  # sweep.status.ExperimentStatus
     now: float  # the store's clock when read (0 for a finished sweep: not needed)
     timings: dict[int, Timing]
+    compute_metric: str | None = None  # a two-objective sweep's compute objective (Pareto marks shown)
 
     @property
     def started_at(self) -> float | None:
@@ -198,7 +211,10 @@ def load_view(exp: Any, cache: TimingCache | None = None) -> SweepView:
     now = exp.store.now() if not status.finished else 0.0
     cache = cache or TimingCache()
     timings = {r.index: Timing(first_claimed(r), cache.ended(exp, r)) for r in status.rows}
-    return SweepView(status=status, now=now, timings=timings)
+    compute = exp.space.compute_objective
+    return SweepView(
+        status=status, now=now, timings=timings, compute_metric=compute.metric if compute else None
+    )
 
 
 # -------------------- Console: status table, header, watch -------------------------------------
@@ -227,6 +243,7 @@ def status_table(view: SweepView, *, sort_by_loss: bool = False, title: str | No
         ("stage:step", "left"),
         ("loss", "right"),
         (f"{status.metric} ± SE", "right"),
+        *(((view.compute_metric, "right"),) if view.compute_metric else ()),
         ("time", "right"),
     ):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -250,7 +267,7 @@ def status_table(view: SweepView, *, sort_by_loss: bool = False, title: str | No
         else:
             took = fmt_duration(view.timings[r.index].wall_s) if r.index in view.timings else "-"
         table.add_row(
-            str(r.index),
+            str(r.index) + (" ★" if r.pareto else ""),  # Pareto-optimal (two-objective sweeps)
             r.phase,
             state,
             str(r.attempt) + (f" ({r.preemptions}p)" if r.preemptions else ""),
@@ -259,9 +276,23 @@ def status_table(view: SweepView, *, sort_by_loss: bool = False, title: str | No
             step,
             last,
             fmt_loss(r.loss, r.sem) + (" est." if r.state == "early_stopped" and r.loss is not None else ""),
+            *((fmt_compute(view.compute_metric, r.metrics.get(view.compute_metric)),) if view.compute_metric else ()),
             took,
         )
     return table
+
+
+def _pareto_line(view: SweepView) -> Text:
+    """``★ Pareto-optimal (final_eval_loss vs train_flops): trials 3, 5, 9``, cheapest first."""
+    status = view.status
+    front = sorted(status.pareto_rows, key=lambda r: (r.metrics.get(view.compute_metric), r.index))
+    text = Text()
+    text.append(f"★ Pareto-optimal ({status.metric} vs {view.compute_metric}): ", style="bold")
+    if front:
+        text.append("trials " + ", ".join(str(r.index) for r in front) + " (cheapest first)\n")
+    else:
+        text.append("none yet (no completed trial reports both)\n")
+    return text
 
 
 def _short_reason(reason: str, n: int = 90) -> str:
@@ -293,6 +324,8 @@ def header(view: SweepView) -> Text:
         text.append(f"  {best.description}\n")
     else:
         text.append("best so far: no completed trial yet\n")
+    if view.compute_metric:
+        text.append(_pareto_line(view))
     rate = f"{view.per_hour:.1f} trials/h" if view.per_hour else "- trials/h"
     if status.finished:
         left = "finished"
@@ -376,13 +409,62 @@ def print_best(exp: Any, status: Any, console: Console) -> None:
     console.print(f"reproduce: {best['command']}", soft_wrap=True)
 
 
+def pareto_trials(exp: Any, view: SweepView) -> list[dict[str, Any]] | None:
+    """A two-objective sweep's Pareto-optimal trials, cheapest first, each with the command that
+    reproduces it; None for a single-objective sweep."""
+    compute = view.compute_metric
+    if compute is None:
+        return None
+    status = view.status
+    front = sorted(status.pareto_rows, key=lambda r: (r.metrics[compute], r.index))
+    return [
+        {
+            "trial": r.index,
+            "phase": r.phase,
+            status.metric: r.loss,
+            f"{status.metric}_sem": r.sem,
+            compute: r.metrics[compute],
+            "params": exp.space.active_parameters(r.params),
+            "command": reproduce_command(exp.space, r.params),
+        }
+        for r in front
+    ]
+
+
+def print_pareto(exp: Any, view: SweepView, console: Console) -> None:
+    front = pareto_trials(exp, view)
+    if front is None:
+        return
+    metric, compute = view.status.metric, view.compute_metric
+    if not front:
+        console.print(f"Pareto front ({metric} vs {compute}): no completed trial yet")
+        return
+    console.print(f"[bold]Pareto front[/] ({metric} vs {compute}), {len(front)} trials, cheapest first:")
+    for t in front:
+        params = " ".join(f"{k}={_param(v)}" for k, v in t["params"].items())
+        console.print(
+            f"  ★ trial {t['trial']} ({t['phase']}): {metric} {fmt_loss(t[metric], t[f'{metric}_sem'])}, "
+            f"{compute} {fmt_compute(compute, t[compute])}  {params}",
+            soft_wrap=True,
+        )
+        console.print(f"    reproduce: {t['command']}", soft_wrap=True)
+
+
+def _param(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def print_summary(exp: Any, console: Console | None = None) -> SweepView:
-    """Header, the trial table best first, and the best configuration with its command line."""
+    """Header, the trial table best first, the best configuration with its command line and, for a
+    two-objective sweep, the Pareto-optimal trials with theirs."""
     console = console or make_console()
     view = load_view(exp)
     console.print(header(view))
     console.print(status_table(view, sort_by_loss=True))
     print_best(exp, view.status, console)
+    print_pareto(exp, view, console)
     return view
 
 
@@ -455,6 +537,7 @@ def trial_record(detail: TrialDetail, metric: str) -> dict[str, Any]:
         "metrics": {k: v for k, v in r.metrics.items() if k not in (metric, f"{metric}_sem")},
         "reason": r.reason,
         "ingested": r.ingested,
+        "pareto": r.pareto,  # Pareto-optimal in a two-objective sweep (always false for one objective)
         "stage": last.get("stage"),
         "step": last.get("step"),
         "last_loss": last.get("loss"),
@@ -499,6 +582,7 @@ def _csv_rows(
         "gpu",
         "hours",
         "ingested",
+        *(("pareto",) if space.compute_objective is not None else ()),
     ]
     rows = []
     for rec in records:
@@ -556,9 +640,19 @@ def write_report(exp: Any, out_dir: Path, *, ax: bool = True) -> ReportFiles:
         files.append("best.json")
     else:
         (out_dir / "best.json").unlink(missing_ok=True)
+    pareto = pareto_trials(exp, view)  # None unless the space has objectives: [quality, compute]
+    if pareto is not None:
+        (out_dir / "pareto.json").write_text(json.dumps(pareto, indent=1, default=str) + "\n")
+        files.append("pareto.json")
+    else:
+        (out_dir / "pareto.json").unlink(missing_ok=True)
 
     rows_ = status.rows
+    pareto_figure = (
+        [plots.pareto_front(rows_, space, metric, view.compute_metric, out_dir)] if pareto is not None else []
+    )
     figures = [
+        *pareto_figure,
         plots.best_so_far(rows_, metric, minimize, out_dir),
         plots.loss_vs_parameters(rows_, space, metric, minimize, out_dir),
         *(
@@ -583,6 +677,7 @@ def write_report(exp: Any, out_dir: Path, *, ax: bool = True) -> ReportFiles:
         ax_figures=ax_figures,
         trials=sorted(records, key=lambda rec: ranked[rec["trial"]]),
         files=files,
+        pareto=pareto,
     )
     html_path = out_dir / "report.html"
     html_path.write_text(page, encoding="utf-8")

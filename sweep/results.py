@@ -27,7 +27,7 @@ with :func:`normalize_result` first and reports a malformed one as ``failed`` wi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 STATUSES = ("completed", "diverged", "failed", "preempted", "early_stopped")
@@ -89,13 +89,34 @@ def objective_value(result: Mapping[str, Any], metric: str) -> tuple[float, floa
     return float(mean), float(sem) if _finite(sem) and sem >= 0 else None
 
 
-def classify(result: Mapping[str, Any], metric: str) -> tuple[str, str, str]:
-    """``(kind, state, reason)``: kind is RETRYABLE or FINAL; state is the ledger's final state."""
+def extra_objective_values(result: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, float] | None:
+    """The other objectives of a two-objective sweep (``space.compute_metrics``) as ``{name: value}``,
+    read from ``result["metrics"]``; None if any of them is missing or not finite."""
+    found = result.get("metrics", {})
+    values = {name: found.get(name) for name in metrics}
+    if not all(_finite(v) for v in values.values()):
+        return None
+    return {name: float(v) for name, v in values.items()}
+
+
+def classify(result: Mapping[str, Any], metric: str, *, also: Sequence[str] = ()) -> tuple[str, str, str]:
+    """``(kind, state, reason)``: kind is RETRYABLE or FINAL; state is the ledger's final state.
+
+    ``also``: metrics a completed result must carry as well (a two-objective sweep's compute
+    metric); without one it is a failure that is not retried, like a missing objective.
+    """
     status, reason = result["status"], result.get("reason", "")
     if status == "completed":
         if objective_value(result, metric) is None:
             got = result.get("metrics", {}).get(metric)
             return FINAL, "failed", f"completed without a finite {metric} (got {got!r})"
+        if extra_objective_values(result, also) is None:
+            missing = next(m for m in also if not _finite(result.get("metrics", {}).get(m)))
+            got = result.get("metrics", {}).get(missing)
+            return FINAL, "failed", (
+                f"completed without a finite {missing} (got {got!r}), an objective of this sweep: "
+                "the trial entrypoint must report it under metrics"
+            )
         return FINAL, "completed", ""
     if status == "early_stopped":
         return FINAL, "early_stopped", reason

@@ -9,6 +9,8 @@ field, e.g. ``parameters.stage2_lr.low: must be > 0 for log scale, got 0``::
     name: stage19_stage2                # [a-z0-9_-]+, the experiment folder name
     description: ...
     objective: {metric: final_eval_loss, goal: minimize}
+    # or, for a loss-vs-compute Pareto sweep (Ax multi-objective), the quality metric then a compute one:
+    # objectives: [{metric: final_eval_loss, goal: minimize}, {metric: train_flops, goal: minimize}]
     budget: {trials: 30, sobol_trials: 12, seed: 0}   # sobol_trials optional, see default_sobol_trials
     base_overrides: [model=smollm2_135m, data=fineweb]
     parameters:
@@ -72,6 +74,7 @@ _TOP_KEYS = (
     "name",
     "description",
     "objective",
+    "objectives",
     "budget",
     "base_overrides",
     "parameters",
@@ -93,6 +96,12 @@ class SpaceError(ValueError):
 
 
 # -------------------- Section 1: The data model --------------------------------------
+
+
+# What every trial reports about its cost (training.run_trial: training/results.py COMPUTE_METRICS;
+# the synthetic trial too): the metrics allowed as the second entry of ``objectives:``.
+# train_flops: the deterministic estimate of training/compute.py; trial_seconds: measured wall time.
+COMPUTE_METRICS = ("train_flops", "trial_seconds")
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,24 @@ class SearchSpace:
     trial: TrialSettings = TrialSettings()
     early_stopping: EarlyStopping | None = None
     tracking: Tracking = Tracking()
+    # ``objectives:`` (two entries): the second, a compute metric; ``objective`` is then the first.
+    compute_objective: Objective | None = None
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        """Every objective: ``(objective,)``, or ``(objective, compute_objective)`` for a Pareto sweep."""
+        return (self.objective,) if self.compute_objective is None else (self.objective, self.compute_objective)
+
+    @property
+    def compute_metrics(self) -> tuple[str, ...]:
+        """Metrics a completed trial must report beyond the objective (its compute objective, if any)."""
+        return () if self.compute_objective is None else (self.compute_objective.metric,)
+
+    @property
+    def ax_objective(self) -> str:
+        """The objective string for ``Client.configure_optimization``: ``"-loss, -train_flops"`` is
+        Ax's multi-objective form (it searches the Pareto front, not a weighted sum)."""
+        return ", ".join(o.ax_objective for o in self.objectives)
 
     # -------------------- Section 2: Parameterizations -> trial inputs ----------------
 
@@ -330,7 +357,7 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         es = self.early_stopping
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "objective": {
@@ -364,6 +391,7 @@ class SearchSpace:
                 "entity": self.tracking.entity,
             },
         }
+        return _objectives_form(out, self.compute_objective)
 
     def to_yaml(self) -> str:
         """Canonical YAML (defaults spelled out); ``load_space(s.to_yaml()) == s``."""
@@ -371,6 +399,15 @@ class SearchSpace:
 
     def _names(self) -> str:
         return ", ".join(p.name for p in self.parameters)
+
+
+def _objectives_form(out: dict[str, Any], compute: Objective | None) -> dict[str, Any]:
+    """``to_dict`` of a two-objective space: ``objectives: [<objective>, <compute objective>]``
+    in place of ``objective:`` (the key order of the single form is kept)."""
+    if compute is None:
+        return out
+    second = {"metric": compute.metric, "goal": "minimize" if compute.minimize else "maximize"}
+    return {("objectives" if k == "objective" else k): ([v, second] if k == "objective" else v) for k, v in out.items()}
 
 
 def render_value(value: Scalar) -> str:
@@ -452,12 +489,12 @@ def _load_yaml(text: str) -> Any:
 def _parse(raw: Any) -> SearchSpace:
     if raw is None:
         raise SpaceError(f"the space is empty; expected a mapping with keys {', '.join(_TOP_KEYS)}")
-    top = _fields(raw, "", required=("name", "objective", "budget", "parameters"), allowed=_TOP_KEYS)
+    top = _fields(raw, "", required=("name", "budget", "parameters"), allowed=_TOP_KEYS)
     name = _string(top["name"], "name")
     if not _NAME.fullmatch(name):
         raise SpaceError(f"name: must be 1-64 characters of a-z, 0-9, '_' or '-', got {_show(name)}")
     description = _string(top.get("description", ""), "description", allow_empty=True)
-    objective = _objective(top["objective"])
+    objective, compute = _objectives(top)
     budget = _budget(top["budget"])
     base = _base_overrides(top.get("base_overrides", []))
     parameters = _parameters(top["parameters"], base)
@@ -466,6 +503,11 @@ def _parse(raw: Any) -> SearchSpace:
         budget = Budget(budget.trials, default_sobol_trials(budget.trials, searched), budget.seed)
     trial = _trial(top.get("trial", {}))
     early = top.get("early_stopping")
+    if early is not None and compute is not None:
+        raise SpaceError(
+            "early_stopping: not supported with two objectives (it ranks running trials by one metric); "
+            "remove early_stopping or use a single objective"
+        )
     raw_tracking = top.get("tracking")
     tracking = Tracking() if raw_tracking is None else _tracking(raw_tracking)
     return SearchSpace(
@@ -478,7 +520,62 @@ def _parse(raw: Any) -> SearchSpace:
         trial=trial,
         early_stopping=None if early is None else _early_stopping(early),
         tracking=tracking,
+        compute_objective=compute,
     )
+
+
+def _objectives(top: dict[str, Any]) -> tuple[Objective, Objective | None]:
+    """``objective: {...}``, or ``objectives: [<quality objective>, <compute objective>]``.
+
+    The rule for the list form: exactly two entries, the first the quality metric (any metric the
+    trials report, validated like ``objective:``, noise settings included), the second one of
+    :data:`COMPUTE_METRICS`, minimised. A loss-vs-compute front is what the sweep draws and
+    reports; two quality metrics, or a compute metric that nothing reports, would give Ax an
+    objective no trial can fill in.
+    """
+    if "objective" in top and "objectives" in top:
+        raise SpaceError(
+            "objectives: give either objective: (one metric) or objectives: (a list of two), not both"
+        )
+    if "objectives" not in top:
+        if "objective" not in top:
+            raise SpaceError(
+                "objective: missing (required; or objectives: [quality, compute] for a loss-vs-compute sweep)"
+            )
+        return _objective(top["objective"]), None
+    raw = top["objectives"]
+    if not isinstance(raw, list) or len(raw) != 2:
+        got = f"{len(raw)} entries" if isinstance(raw, list) else _show(raw)
+        raise SpaceError(
+            "objectives: must list exactly 2 {metric, goal} entries, the quality metric then a compute "
+            f"metric ({', '.join(COMPUTE_METRICS)}), got {got}; use objective: for a single metric"
+        )
+    try:
+        first = _objective(raw[0])
+    except SpaceError as err:  # the same checks as objective:, reported under this entry's name
+        message = str(err)
+        if message.startswith("objective"):
+            message = "objectives[0]" + message[len("objective") :]
+        raise SpaceError(message) from None
+    f = _fields(raw[1], "objectives[1]", required=("metric", "goal"), allowed=("metric", "goal"))
+    metric = _string(f["metric"], "objectives[1].metric")
+    if metric == first.metric:
+        raise SpaceError(f"objectives[1].metric: {_show(metric)} is already objectives[0]; the two must differ")
+    if first.metric in COMPUTE_METRICS:
+        raise SpaceError(
+            f"objectives[0].metric: {_show(first.metric)} is a compute metric; list the quality metric "
+            "(e.g. final_eval_loss) first and the compute metric second"
+        )
+    if metric not in COMPUTE_METRICS:
+        raise SpaceError(
+            f"objectives[1].metric: unknown compute metric {_show(metric)}; the trials report "
+            f"{', '.join(COMPUTE_METRICS)}"
+        )
+    if f["goal"] != "minimize":
+        raise SpaceError(
+            f"objectives[1].goal: a compute metric is minimised (goal: minimize), got {_show(f['goal'])}"
+        )
+    return first, Objective(metric=metric, minimize=True)
 
 
 def _objective(raw: Any) -> Objective:

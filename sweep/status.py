@@ -10,10 +10,12 @@ folds it into Ax. Nothing is written, so it needs no lease.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sweep.ledger import ACTIVE_STATES, COMPLETED, Ledger, TrialRecord
+from sweep.pareto import pareto_optimal
 from sweep.results import classify, objective_value
 from sweep.space import SearchSpace
 
@@ -37,6 +39,8 @@ class TrialRow:
     claimed_at: float | None = None  # store time of the current attempt's claim
     history: tuple[dict[str, Any], ...] = ()  # one entry per ended attempt (ledger)
     preemptions: int = 0  # attempts that ended preempted (their own budget, trial.max_preemptions)
+    kind: str = "search"  # search | warm_start | replicate (a noise re-run, outside the budget)
+    pareto: bool = False  # two-objective sweeps: no other completed trial is as good in both and better in one
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class ExperimentStatus:
         return min(done, key=lambda r: r.loss if self.minimize else -r.loss)  # type: ignore[operator]
 
     @property
+    def pareto_rows(self) -> tuple[TrialRow, ...]:
+        """A two-objective sweep's Pareto-optimal trials so far (empty for a single objective)."""
+        return tuple(r for r in self.rows if r.pareto)
+
+    @property
     def finished(self) -> bool:
         """Budget spent and nothing in flight."""
         return len(self.rows) >= self.budget and not any(r.state in ACTIVE_STATES for r in self.rows)
@@ -83,14 +92,50 @@ class LiveView:
 
 
 def build_rows(ledger: Ledger, space: SearchSpace, live: dict[int, LiveView]) -> tuple[TrialRow, ...]:
-    return tuple(_row(t, space, live.get(t.index)) for _, t in sorted(ledger.trials.items()))
+    rows = tuple(_row(t, space, live.get(t.index)) for _, t in sorted(ledger.trials.items()))
+    return _mark_pareto(rows, space)
+
+
+def pareto_candidates(rows: Sequence[TrialRow], space: SearchSpace) -> list[TrialRow]:
+    """Trials the loss-vs-compute front is drawn from: completed, every objective finite.
+
+    Noise replicates re-run an earlier trial's configuration to measure noise; they are not
+    configurations of their own and stay off the front.
+    """
+    if space.compute_objective is None:
+        return []
+    compute = space.compute_objective.metric
+    return [
+        r
+        for r in rows
+        if r.state == COMPLETED
+        and r.kind != "replicate"
+        and r.loss is not None
+        and math.isfinite(r.loss)
+        and _finite(r.metrics.get(compute))
+    ]
+
+
+def _mark_pareto(rows: tuple[TrialRow, ...], space: SearchSpace) -> tuple[TrialRow, ...]:
+    candidates = pareto_candidates(rows, space)
+    if not candidates:
+        return rows
+    compute = space.compute_objective.metric  # type: ignore[union-attr] -- candidates imply it
+    points = [(r.loss, float(r.metrics[compute])) for r in candidates]
+    front = {candidates[i].index for i in pareto_optimal(points, [o.minimize for o in space.objectives])}
+    return tuple(replace(r, pareto=True) if r.index in front else r for r in rows)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 
 def _row(t: TrialRecord, space: SearchSpace, view: LiveView | None) -> TrialRow:
     metric = space.objective.metric
     state, metrics, reason, ingested = t.state, t.metrics, t.reason, True
     if view is not None and view.pending_result is not None:
-        _kind, final_state, why = classify(view.pending_result, metric)
+        _kind, final_state, why = classify(view.pending_result, metric, also=space.compute_metrics)
         if final_state:
             state, metrics, reason, ingested = final_state, view.pending_result.get("metrics", {}), why, False
     value = objective_value({"metrics": metrics}, metric)

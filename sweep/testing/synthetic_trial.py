@@ -5,8 +5,9 @@
 It speaks the same protocol as ``python -m training.run_trial``: Hydra-style ``key=value``
 overrides, ``run.metrics_file`` (JSONL progress lines), ``run.checkpoint_dir`` (a step counter is
 checkpointed every step and resumed from), SIGTERM -> checkpoint + ``status: preempted``, and a
-result JSON with ``final_eval_loss``. Keys it understands: ``function`` (hartmann6 | branin |
-mixed), ``steps``, ``step_s`` (sleep per step), ``noise`` (observation noise SD), ``seed``,
+result JSON with ``final_eval_loss`` and, under ``metrics``, ``train_flops`` (deterministic, see
+:func:`train_flops`) and ``trial_seconds``. Keys it understands: ``function`` (hartmann6 | branin |
+mixed | length: a Stage 1.9 length study with a loss-vs-compute trade-off), ``steps``, ``step_s`` (sleep per step), ``noise`` (observation noise SD), ``seed``,
 ``diverge_if`` (e.g. ``x1>0.9``: report divergence), ``crash`` (raise, an infrastructure failure).
 Other keys are passed to the function as parameters (``x1``.., or the mixed space's names).
 """
@@ -63,6 +64,34 @@ def mixed(p: dict) -> float:
     return value
 
 
+# The `length` function's cost model: the notebook's Stage 1.9 length study on SmolLM2-135M
+# (Stage 2 fixed at 200 steps), with training/compute.py's formula: 6 N FLOPs per token for the
+# student, + 2 N for the teacher's forward in Stage 1.9 (teacher and student both ~135M here).
+_LENGTH_N = 135e6
+_LENGTH_TOKENS_PER_STEP = 32 * 256
+_LENGTH_STAGE2_STEPS = 200
+FLOPS_PER_STEP = 1e12  # every other function: a fixed cost per step, so train_flops = 1e12 * steps
+
+
+def length(p: dict) -> float:
+    """Loss falling with diminishing returns in ``stage1_9_steps`` (the notebook's shape: 7.5 at 50
+    steps to 4.8 at 1000), plus a log-LR bowl around 3e-3 / 2.4e-3 for the optional LRs."""
+    s19 = float(p["stage1_9_steps"])
+    l1 = math.log(float(p.get("stage1_9_lr", 3e-3)) / 3e-3)
+    l2 = math.log(float(p.get("stage2_lr", 2.4e-3)) / 2.4e-3)
+    return 4.0 + 24.0 / math.sqrt(s19) + 0.6 * l1**2 + 0.9 * l2**2
+
+
+def train_flops(params: dict, steps: int) -> float:
+    """A deterministic compute metric, like training/compute.py's: for ``length`` it grows with
+    ``stage1_9_steps`` (a real loss-vs-compute trade-off); otherwise ``FLOPS_PER_STEP * steps``."""
+    if params.get("function") == "length":
+        s19 = float(params["stage1_9_steps"])
+        flops_per_step_token = s19 * (6 + 2) * _LENGTH_N + _LENGTH_STAGE2_STEPS * 6 * _LENGTH_N
+        return flops_per_step_token * _LENGTH_TOKENS_PER_STEP
+    return FLOPS_PER_STEP * steps
+
+
 def evaluate(params: dict) -> float:
     fn = params.pop("function", "hartmann6")
     if fn == "hartmann6":
@@ -71,7 +100,9 @@ def evaluate(params: dict) -> float:
         return branin(float(params["x1"]), float(params["x2"]))
     if fn == "mixed":
         return mixed(params)
-    raise ValueError(f"function: got {fn!r}, allowed: hartmann6, branin, mixed")
+    if fn == "length":
+        return length(params)
+    raise ValueError(f"function: got {fn!r}, allowed: hartmann6, branin, mixed, length")
 
 
 def _parse(overrides: list[str]) -> dict:
@@ -90,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", nargs="*", default=[])
     parser.add_argument("rest", nargs="*")
     args = parser.parse_args(argv)
+    began = time.monotonic()
     params = _parse([*args.overrides, *args.rest])
     run = {k[4:]: params.pop(k) for k in list(params) if k.startswith("run.")}
     steps = int(params.pop("steps", 5))
@@ -129,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         name, _, threshold = diverge_if.partition(">")
         if float(params[name]) > float(threshold):
             return _write(args.out, {"status": "diverged", "reason": f"diverged at stage2 step {steps}"})
+    # The compute metrics training.run_trial reports (training/results.py), for loss-vs-compute sweeps.
+    compute = {"train_flops": train_flops(params, steps), "trial_seconds": time.monotonic() - began}
     return _write(args.out, {"status": "completed", "final_eval_loss": observed, "final_eval_loss_sem": noise or 0.0,
+                             "metrics": compute,
                              "true_value": value, "resumed_from": start, "steps": steps,
                              "stages": {"stage2": {"curve": curve}}, "pid": os.getpid()})
 
