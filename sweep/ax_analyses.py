@@ -51,13 +51,15 @@ def compute(exp: Any) -> list[AxResult]:
     if completed < 2:
         note = f"Ax needs at least 2 completed trials to fit a model; this sweep has {completed}"
         return [AxResult(SENSITIVITY, note=note), AxResult(CROSS_VALIDATION, note=note)]
-    return [_sensitivity(experiment, strategy), _cross_validation(experiment, strategy)]
+    # A two-objective sweep: Ax needs to be told which metric to analyse; the report's is the quality one.
+    metric = exp.space.objective.metric if exp.space.compute_objective is not None else None
+    return [_sensitivity(experiment, strategy, metric), _cross_validation(experiment, strategy, metric)]
 
 
-def _sensitivity(experiment: Any, strategy: Any) -> AxResult:
+def _sensitivity(experiment: Any, strategy: Any, metric: str | None = None) -> AxResult:
     from ax.analysis.plotly.sensitivity import SensitivityAnalysisPlot
 
-    analysis = SensitivityAnalysisPlot(order="total", top_k=None)
+    analysis = SensitivityAnalysisPlot(metric_name=metric, order="total", top_k=None)
     try:
         with _quiet():
             why = analysis.validate_applicable_state(experiment=experiment, generation_strategy=strategy)
@@ -78,7 +80,7 @@ def _sensitivity(experiment: Any, strategy: Any) -> AxResult:
     return AxResult(SENSITIVITY, df=df)
 
 
-def _cross_validation(experiment: Any, strategy: Any) -> AxResult:
+def _cross_validation(experiment: Any, strategy: Any, metric: str | None = None) -> AxResult:
     from ax.analysis.plotly.cross_validation import CrossValidationPlot
 
     analysis = CrossValidationPlot(untransform=True)
@@ -91,6 +93,8 @@ def _cross_validation(experiment: Any, strategy: Any) -> AxResult:
     except Exception as exc:  # noqa: BLE001
         return AxResult(CROSS_VALIDATION, note=f"Ax could not compute it: {_one_line(exc)}")
     cards = card.flatten() if hasattr(card, "flatten") else [card]
+    if metric is not None:  # one card per metric: the quality metric's ("Cross Validation for <metric> ...")
+        cards = [c for c in cards if f" for {metric} " in f"{getattr(c, 'title', '')} "]
     for child in cards:
         df = getattr(child, "df", None)
         if df is not None and {"observed", "predicted"} <= set(df.columns) and len(df):

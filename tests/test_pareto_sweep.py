@@ -133,3 +133,16 @@ def test_a_pareto_trials_reproduce_command_gives_its_numbers_again(finished, rep
     subprocess.run([PY, *argv[1:]], check=True, cwd=REPO, env=subprocess_env(), timeout=60)
     again = json.loads(out.read_text())
     assert (again["final_eval_loss"], again["metrics"]["train_flops"]) == pytest.approx(points[t["trial"]])
+
+
+def test_ax_analyses_of_a_two_objective_sweep_are_of_the_loss(finished):
+    from sweep import ax_analyses
+
+    points, _ = _front_from_store(finished)
+    exp = Experiment.open(open_store(str(finished / "sweeps")), "length")
+    sensitivity, cross_validation = ax_analyses.compute(exp)
+    # Ax refuses both without a metric name on a multi-objective experiment ("Cannot infer metric").
+    assert "Cannot infer metric" not in sensitivity.note, sensitivity.note
+    assert cross_validation.df is not None, cross_validation.note
+    observed = sorted(float(v) for v in cross_validation.df["observed"])
+    assert observed == pytest.approx(sorted(p[0] for p in points.values()))  # losses, not FLOPs
