@@ -773,8 +773,17 @@ def execute(jobs: list[Job], out: Path, n_jobs: int) -> None:
         futures = {pool.submit(run_job, job): job for job in todo}
         from concurrent.futures import as_completed
 
+        failed = []
         for fut in as_completed(futures):
-            save(futures[fut], fut.result())
+            try:
+                record = fut.result()
+            except Exception as exc:  # noqa: BLE001 - one broken run must not discard the others' work
+                failed.append(futures[fut].key)
+                print(f"run failed: {futures[fut].key}: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            save(futures[fut], record)
+        if failed:
+            raise SystemExit(f"error: {len(failed)} runs failed ({', '.join(failed)}); the others are saved in {out}")
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
