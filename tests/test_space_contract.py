@@ -1,8 +1,7 @@
 """Every shipped search space produces overrides the real training config accepts."""
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
