@@ -57,7 +57,6 @@ warnings.filterwarnings("ignore", message="Encountered a `MultiObjective` withou
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", module="ax.generators.torch.botorch_moo_utils")
 
 
-
 @dataclass(frozen=True)
 class Generated:
     index: int
@@ -92,6 +91,10 @@ def new_client(space: SearchSpace) -> Client:
         initialization_random_seed=space.budget.seed,
         # The notebook's recipe is N Sobol points, not the centre plus N-1.
         initialize_with_center=False,
+        # Warm-start configurations and noise replicates are attached trials: they must not use
+        # up the Sobol count (replicates would put duplicate points in the space-filling design).
+        # Their data still counts as observed before BoTorch takes over.
+        use_existing_trials_for_initialization=False,
     )
     return client
 
@@ -173,6 +176,33 @@ def generate(client: Client) -> Generated | Wait | Exhausted:
     ((index, params),) = proposed.items()
     node = client._experiment.trials[index].generator_runs[0]._generation_node_name
     return Generated(index=index, params=dict(params), node=str(node))
+
+
+def attach(client: Client, params: dict[str, Any]) -> int:
+    """A trial with given parameters (warm start, noise replicate); Ax marks it RUNNING."""
+    return client.attach_trial(parameters=dict(params))
+
+
+def arm_parameters(client: Client, index: int) -> dict[str, Any]:
+    """The parameters Ax holds for trial ``index`` (the full parameterization it generated)."""
+    return dict(client._experiment.trials[index].arm.parameters)
+
+
+def set_sem(client: Client, metric: str, sem: float) -> int:
+    """Give every observation of ``metric`` the standard error ``sem``; the number of rows changed.
+
+    The replicate-measured noise arrives after the first trials completed without one; rewriting
+    their SEM keeps the model's data uniform (BoTorch refuses a mix of known and unknown noise).
+    """
+    experiment = client._experiment
+    df = experiment.data.full_df
+    if df.empty:
+        return 0
+    df = df.copy()
+    rows = df["metric_name"] == metric
+    df.loc[rows, "sem"] = float(sem)
+    experiment.data = Data(df=df)
+    return int(rows.sum())
 
 
 def complete(

@@ -255,7 +255,7 @@ def status_table(view: SweepView, *, sort_by_loss: bool = False, title: str | No
         elif prog.get("event"):  # the pipeline's last word (completed, preempted, diverged)
             step = f"{prog.get('stage', '?')}:{prog['event']}"
         else:
-            step = f"{prog.get('stage', '?')}:{prog.get('step', '?')}"
+            step = f"{prog.get('stage', '?')}:{prog.get('step', '?')}" + _bar(prog)
         last = fmt_loss(prog.get("loss"))
         state = (
             f"[{STATE_STYLE.get(r.state, 'white')}]{r.state.replace('_', '-')}{'' if r.ingested else '*'}[/]"
@@ -295,6 +295,15 @@ def _pareto_line(view: SweepView) -> Text:
     return text
 
 
+def _bar(progress: dict[str, Any], width: int = 10) -> str:
+    """`` 12/30 ▰▰▰▰▱▱▱▱▱▱`` for a record that knows its stage's max_steps, else ""."""
+    step, total = progress.get("step"), progress.get("max_steps")
+    if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
+        return ""
+    filled = max(0, min(width, round(width * step / total)))
+    return f"/{total} " + "▰" * filled + "▱" * (width - filled)
+
+
 def _short_reason(reason: str, n: int = 90) -> str:
     line = reason.splitlines()[0] if reason else ""
     return line if len(line) <= n else line[: n - 1] + "…"
@@ -306,7 +315,9 @@ def header(view: SweepView) -> Text:
     text = Text()
     text.append(status.name, style="bold")
     text.append(f"  {status.uri}\n", style="dim")
-    text.append(f"trials {len(status.rows)}/{status.budget}")
+    text.append(f"trials {len(status.budgeted_rows)}/{status.budget}")
+    if status.replicates:
+        text.append(f" (+ replicates {len(status.replicate_rows)}/{status.replicates})")
     for state in ("running", "queued", "completed", "early_stopped", "failed"):
         text.append(" · ")
         text.append(f"{state.replace('_', '-')} {counts.get(state, 0)}", style=STATE_STYLE[state])
@@ -314,6 +325,9 @@ def header(view: SweepView) -> Text:
         # Their own budget (trial.max_preemptions): a preempted attempt resumes from its checkpoint.
         text.append(f" · preemptions {status.preemptions}", style="yellow")
     text.append("\n")
+    if status.noise == "replicates":
+        measured = f"SD {status.noise_sd:.4g}" if status.noise_sd is not None else "not measured yet"
+        text.append(f"objective noise: {status.noise_note or measured}\n", style="dim")
     best = status.best
     if best is not None:
         text.append("best so far: ", style="bold")

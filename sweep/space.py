@@ -8,7 +8,7 @@ field, e.g. ``parameters.stage2_lr.low: must be > 0 for log scale, got 0``::
 
     name: stage19_stage2                # [a-z0-9_-]+, the experiment folder name
     description: ...
-    objective: {metric: final_eval_loss, goal: minimize}
+    objective: {metric: final_eval_loss, goal: minimize, noise: infer}   # noise: infer | replicates | eval_sem
     # or, for a loss-vs-compute Pareto sweep (Ax multi-objective), the quality metric then a compute one:
     # objectives: [{metric: final_eval_loss, goal: minimize}, {metric: train_flops, goal: minimize}]
     budget: {trials: 30, sobol_trials: 12, seed: 0}   # sobol_trials optional, see default_sobol_trials
@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -98,6 +98,7 @@ class SpaceError(ValueError):
 # -------------------- Section 1: The data model --------------------------------------
 
 
+NOISE_MODES = ("infer", "replicates", "eval_sem")
 # What every trial reports about its cost (training.run_trial: training/results.py COMPUTE_METRICS;
 # the synthetic trial too): the metrics allowed as the second entry of ``objectives:``.
 # train_flops: the deterministic estimate of training/compute.py; trial_seconds: measured wall time.
@@ -106,8 +107,22 @@ COMPUTE_METRICS = ("train_flops", "trial_seconds")
 
 @dataclass(frozen=True)
 class Objective:
+    """What to optimise, and what Ax is told about its noise (``noise``).
+
+    ``infer`` (default): no standard error is sent; Ax's model infers the noise level.
+    ``replicates``: the sweep re-runs its first configuration ``replicates`` more times with
+    other training-data orders (``data.order_seed``), and the standard deviation of those runs
+    becomes every trial's standard error -- the noise a repeat of a trial would see.
+    ``eval_sem``: the trial's own ``<metric>_sem`` (the standard error over eval batches). Wrong
+    for a fixed eval set: every trial is scored on the same blocks, so that sampling error is
+    shared and cancels between trials; it overstated the real run-to-run noise 8.9x on the tiny
+    pipeline (docs/benchmarks.md) and hid real differences from the model.
+    """
+
     metric: str
     minimize: bool
+    noise: str = "infer"
+    replicates: int = 0  # extra runs of the first configuration when noise == "replicates"
 
     @property
     def ax_objective(self) -> str:
@@ -116,10 +131,23 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """``budget.warm_start``: begin with the ``top_k`` best configurations of experiment ``source``.
+
+    They are re-run under this space's base overrides (the way from a tiny or 135M sweep to a
+    4B one) as the first trials of the budget; Sobol and BoTorch then continue as usual.
+    """
+
+    source: str  # store URI of the experiment folder, e.g. gs://bucket/sweeps/tiny_cpu or ./sweeps/tiny_cpu
+    top_k: int
+
+
+@dataclass(frozen=True)
 class Budget:
     trials: int
     sobol_trials: int
     seed: int | None = 0
+    warm_start: WarmStart | None = None
 
 
 def default_sobol_trials(trials: int, searched: int) -> int:
@@ -363,11 +391,23 @@ class SearchSpace:
             "objective": {
                 "metric": self.objective.metric,
                 "goal": "minimize" if self.objective.minimize else "maximize",
+                "noise": self.objective.noise,
+                **({"replicates": self.objective.replicates} if self.objective.noise == "replicates" else {}),
             },
             "budget": {
                 "trials": self.budget.trials,
                 "sobol_trials": self.budget.sobol_trials,
                 "seed": self.budget.seed,
+                **(
+                    {}
+                    if self.budget.warm_start is None
+                    else {
+                        "warm_start": {
+                            "from": self.budget.warm_start.source,
+                            "top_k": self.budget.warm_start.top_k,
+                        }
+                    }
+                ),
             },
             "base_overrides": list(self.base_overrides),
             "parameters": {p.name: p.to_dict() for p in self.parameters},
@@ -500,7 +540,7 @@ def _parse(raw: Any) -> SearchSpace:
     parameters = _parameters(top["parameters"], base)
     if budget.sobol_trials == 0:  # left out: the default for this budget and this many parameters
         searched = sum(p.type != "fixed" for p in parameters)
-        budget = Budget(budget.trials, default_sobol_trials(budget.trials, searched), budget.seed)
+        budget = replace(budget, sobol_trials=default_sobol_trials(budget.trials, searched))
     trial = _trial(top.get("trial", {}))
     early = top.get("early_stopping")
     if early is not None and compute is not None:
@@ -579,7 +619,7 @@ def _objectives(top: dict[str, Any]) -> tuple[Objective, Objective | None]:
 
 
 def _objective(raw: Any) -> Objective:
-    f = _fields(raw, "objective", required=("metric", "goal"), allowed=("metric", "goal"))
+    f = _fields(raw, "objective", required=("metric", "goal"), allowed=("metric", "goal", "noise", "replicates"))
     metric = _string(f["metric"], "objective.metric")
     if not _IDENT.fullmatch(metric):
         raise SpaceError(
@@ -587,12 +627,27 @@ def _objective(raw: Any) -> Objective:
         )
     if f["goal"] not in GOALS:
         raise SpaceError(f"objective.goal: must be one of {', '.join(GOALS)}, got {_show(f['goal'])}")
-    return Objective(metric=metric, minimize=f["goal"] == "minimize")
+    noise = f.get("noise", "infer")
+    if noise not in NOISE_MODES:
+        raise SpaceError(f"objective.noise: must be one of {', '.join(NOISE_MODES)}, got {_show(noise)}")
+    replicates = 0
+    if noise == "replicates":
+        replicates = _int(f.get("replicates", 3), "objective.replicates", minimum=0)
+        if replicates < 2:
+            raise SpaceError(
+                f"objective.replicates: noise: replicates needs at least 2 extra runs to measure a "
+                f"standard deviation, got {replicates}"
+            )
+    elif "replicates" in f:
+        raise SpaceError(
+            f"objective.replicates: only used with noise: replicates (noise is {noise}); remove it or set noise: replicates"
+        )
+    return Objective(metric=metric, minimize=f["goal"] == "minimize", noise=noise, replicates=replicates)
 
 
 def _budget(raw: Any) -> Budget:
     """The budget; ``sobol_trials`` 0 when left out (``_parse`` fills in the default)."""
-    f = _fields(raw, "budget", required=("trials",), allowed=("trials", "sobol_trials", "seed"))
+    f = _fields(raw, "budget", required=("trials",), allowed=("trials", "sobol_trials", "seed", "warm_start"))
     trials = _int(f["trials"], "budget.trials", minimum=1)
     if f.get("sobol_trials") is None:
         sobol = 0
@@ -601,8 +656,19 @@ def _budget(raw: Any) -> Budget:
     if sobol > trials:
         raise SpaceError(f"budget.sobol_trials: must be <= budget.trials ({trials}), got {sobol}")
     seed = f.get("seed", 0)
+    warm = None
+    if f.get("warm_start") is not None:
+        w = _fields(f["warm_start"], "budget.warm_start", required=("from", "top_k"), allowed=("from", "top_k"))
+        source = _string(w["from"], "budget.warm_start.from")
+        top_k = _int(w["top_k"], "budget.warm_start.top_k", minimum=1)
+        if top_k > trials:
+            raise SpaceError(f"budget.warm_start.top_k: must be <= budget.trials ({trials}), got {top_k}")
+        warm = WarmStart(source=source, top_k=top_k)
     return Budget(
-        trials=trials, sobol_trials=sobol, seed=None if seed is None else _int(seed, "budget.seed", minimum=0)
+        trials=trials,
+        sobol_trials=sobol,
+        seed=None if seed is None else _int(seed, "budget.seed", minimum=0),
+        warm_start=warm,
     )
 
 

@@ -52,6 +52,24 @@ class ExperimentStatus:
     budget: int
     rows: tuple[TrialRow, ...]
     snapshot_bytes: int
+    noise: str = "infer"  # objective.noise
+    replicates: int = 0  # planned noise replicates (objective.replicates)
+    noise_sd: float | None = None  # measured by the replicates, once they ended
+    noise_note: str = ""
+
+    @property
+    def budgeted_rows(self) -> tuple[TrialRow, ...]:
+        """Rows that count against budget.trials (noise replicates do not)."""
+        return tuple(r for r in self.rows if r.kind != "replicate")
+
+    @property
+    def replicate_rows(self) -> tuple[TrialRow, ...]:
+        return tuple(r for r in self.rows if r.kind == "replicate")
+
+    @property
+    def pareto_rows(self) -> tuple[TrialRow, ...]:
+        """A two-objective sweep's Pareto-optimal trials so far (empty for a single objective)."""
+        return tuple(r for r in self.rows if r.pareto)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -72,14 +90,10 @@ class ExperimentStatus:
         return min(done, key=lambda r: r.loss if self.minimize else -r.loss)  # type: ignore[operator]
 
     @property
-    def pareto_rows(self) -> tuple[TrialRow, ...]:
-        """A two-objective sweep's Pareto-optimal trials so far (empty for a single objective)."""
-        return tuple(r for r in self.rows if r.pareto)
-
-    @property
     def finished(self) -> bool:
         """Budget spent and nothing in flight."""
-        return len(self.rows) >= self.budget and not any(r.state in ACTIVE_STATES for r in self.rows)
+        planned = len(self.budgeted_rows) >= self.budget and len(self.replicate_rows) >= self.replicates
+        return planned and not any(r.state in ACTIVE_STATES for r in self.rows)
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-
 def _row(t: TrialRecord, space: SearchSpace, view: LiveView | None) -> TrialRow:
     metric = space.objective.metric
     state, metrics, reason, ingested = t.state, t.metrics, t.reason, True
@@ -162,4 +175,5 @@ def _row(t: TrialRecord, space: SearchSpace, view: LiveView | None) -> TrialRow:
         claimed_at=t.claimed_at,
         history=tuple(t.history),
         preemptions=t.preemptions,
+        kind=t.kind,
     )

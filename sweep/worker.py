@@ -185,7 +185,8 @@ class Worker:
         ckpt_dir = claim.checkpoint_uri or str(tdir / "ckpt")
         overrides = [*claim.overrides, f"run.out_dir={tdir}", f"run.checkpoint_dir={ckpt_dir}",
                      f"run.metrics_file={metrics_path}", *self._tracking_overrides(claim)]
-        entrypoint = self.opt.entrypoint or self.exp.space.trial.entrypoint
+        # The claim carries the entrypoint frozen at the trial's first claim; the space's is the fallback.
+        entrypoint = self.opt.entrypoint or getattr(claim, "entrypoint", None) or self.exp.space.trial.entrypoint
         cmd = [self.opt.python, "-m", entrypoint, "--out", str(result_path), "--", *overrides]
         env = {**os.environ, **trial_env(getattr(self.exp, "name", ""), claim, self.id)}
         if self.opt.gpus_per_trial > 1:

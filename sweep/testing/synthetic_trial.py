@@ -8,7 +8,8 @@ checkpointed every step and resumed from), SIGTERM -> checkpoint + ``status: pre
 result JSON with ``final_eval_loss`` and, under ``metrics``, ``train_flops`` (deterministic, see
 :func:`train_flops`) and ``trial_seconds``. Keys it understands: ``function`` (hartmann6 | branin |
 mixed | length: a Stage 1.9 length study with a loss-vs-compute trade-off), ``steps``, ``step_s`` (sleep per step), ``noise`` (observation noise SD), ``seed``,
-``diverge_if`` (e.g. ``x1>0.9``: report divergence), ``crash`` (raise, an infrastructure failure).
+``diverge_if`` (e.g. ``x1>0.9``: report divergence), ``crash`` (raise, an infrastructure failure),
+``data.order_seed`` (another draw of the noise, as the pipeline's training-data order gives).
 Other keys are passed to the function as parameters (``x1``.., or the mixed space's names).
 """
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     step_s = float(params.pop("step_s", 0.0))
     noise = float(params.pop("noise", 0.0))
     seed = int(params.pop("seed", 0))
+    # Like the real pipeline's data.order_seed: another draw of the observation noise, same value.
+    order_seed = int(params.pop("data.order_seed", 0))
     diverge_if = params.pop("diverge_if", None)
     crash = params.pop("crash", "false").lower() == "true"
     for key in [k for k in params if "." in k or k in ("model", "data")]:
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if crash:
         raise RuntimeError("synthetic crash requested (crash=true)")
     value = evaluate(dict(params))
-    rng = random.Random(f"{seed}-{sorted(params.items())}")
+    rng = random.Random(f"{seed}-{sorted(params.items())}" + (f"-order{order_seed}" if order_seed else ""))
     observed = value + rng.gauss(0.0, noise) if noise else value
     curve = []
     for step in range(start + 1, steps + 1):

@@ -165,6 +165,7 @@ class Trainer:
             record = {
                 "stage": spec.stage,
                 "step": self.step,
+                "max_steps": spec.max_steps,  # for progress bars (sweep run / sweep status)
                 "global_step": self.offset + self.step,
                 "loss": step_loss,
                 "lr": self.scheduler.get_last_lr()[0],
