@@ -17,7 +17,7 @@ script itself before GPU time is spent on it). Sized to finish in about two minu
    per variant: ms per call, TFLOP/s, speedup over ``bitlinear``; and the relative RMS error against
    the exact fp32 BitLinear forward (``reference_linear``) for bitlinear / fp8 / int8.
 2. Model: a SmolLM2-135M-shaped Llama (random init, no download), SubLN + BitLinear, bf16, AdamW:
-   fwd+bwd+step time and tokens/s with ``model.fp8`` off and on; ``--steps`` training steps from one
+   fwd+bwd+step time and tokens/s with the FP8 GEMM off and on (``model.gemm=bf16`` / ``fp8``); ``--steps`` training steps from one
    init on the same batches (fp32, bf16, bf16 + FP8) with the loss curves and their largest relative
    gaps, and the logits' cosine similarity before training.
 """
