@@ -1,6 +1,7 @@
 """Automatic micro-batch size: the largest micro-batch that fits in memory, same effective batch.
 
-``stageX.auto_batch_size=true`` keeps the configured effective batch ``batch_size * grad_accum``
+``stageX.auto_batch_size`` (``auto``, the default: on for one CUDA process, with a memory target;
+training/stages/compute_setup.py) keeps the configured effective batch ``batch_size * grad_accum``
 (the hyperparameter the sweep tunes) and searches the micro-batch among the *divisors* of it, so
 ``grad_accum = effective / micro`` is exact and every micro-batch has the same shape: doubling from
 the configured ``batch_size`` until a size fails or the effective batch is reached, then a binary
