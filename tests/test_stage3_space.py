@@ -78,7 +78,7 @@ def test_tiny_stage3_space_end_to_end_through_the_worker(tmp_path, tiny_override
     run = subprocess.run([*sweep, "run", "--store", str(store / "tiny_stage3"), "--workers", "1", "--workdir",
                           str(tmp_path / "work"), "--poll", "1"], capture_output=True, text=True, timeout=1500)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = subprocess.run([*sweep, "report", "--store", str(store / "tiny_stage3"), "--out", str(tmp_path / "rep")],
+    report = subprocess.run([*sweep, "report", "--store", str(store / "tiny_stage3"), "--out", str(tmp_path / "rep"), "--no-ax"],
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert report.returncode == 0, report.stderr[-2000:]
     trials = json.loads((tmp_path / "rep" / "trials.json").read_text())
