@@ -117,15 +117,15 @@ def test_replicates_header_in_status(tmp_path: Path):
 def test_replicates_through_the_real_worker_measure_a_positive_sd(tmp_path: Path):
     from sweep.worker import Worker, WorkerOptions
 
-    yaml = f"""
+    yaml = """
 name: replworker
-objective: {{metric: final_eval_loss, goal: minimize, noise: replicates, replicates: 2}}
-budget: {{trials: 3, sobol_trials: 3, seed: 0}}
+objective: {metric: final_eval_loss, goal: minimize, noise: replicates, replicates: 2}
+budget: {trials: 3, sobol_trials: 3, seed: 0}
 base_overrides: [function=branin, steps=2, noise=0.5]
 parameters:
-  x1: {{type: float, low: -5, high: 10, override: x1}}
-  x2: {{type: float, low: 0, high: 15, override: x2}}
-trial: {{heartbeat_s: 1, grace_s: 30, entrypoint: sweep.testing.synthetic_trial}}
+  x1: {type: float, low: -5, high: 10, override: x1}
+  x2: {type: float, low: 0, high: 15, override: x2}
+trial: {heartbeat_s: 1, grace_s: 30, entrypoint: sweep.testing.synthetic_trial}
 """
     exp = Experiment.init(open_store(str(tmp_path / "store")), load_space(yaml))
     summary = Worker(exp, "w", WorkerOptions(poll_s=0.2, workdir=tmp_path / "work")).run()
