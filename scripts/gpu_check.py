@@ -383,8 +383,11 @@ def train_section(args, device, peak, deadline: float, setup) -> list[dict[str, 
     cfg, shape, tokenizer, data = setup
     seq, batch = cfg.data.seq_len, cfg.stage2.batch_size
     rows = []
+    wanted = {v.strip() for v in args.train_variants.split(",") if v.strip()}
     for stage, prec, compiled in TRAIN_ORDER:
         name = f"{stage} {prec} {'compiled' if compiled else 'eager'}"
+        if wanted and name not in wanted:
+            continue
         r = row("train", name, batch=f"{batch}x{seq}")
         need = args.compiled_cost_s if compiled else args.eager_cost_s
         if args.cpu_smoke and compiled and any("compiled" in x["variant"] for x in rows):
@@ -613,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager-cost-s", type=float, default=20.0, help="budget an eager train variant needs")
     p.add_argument("--compiled-cost-s", type=float, default=90.0, help="budget a compiled train variant needs")
     p.add_argument("--sweep-timeout-s", type=float, default=240.0)
+    p.add_argument("--train-variants", default="",
+                   help="comma-separated train variants to run, e.g. 'stage1_9 bf16-mixed compiled,stage2 bf16-pure "
+                        "compiled' (default: all, in priority order, as the budget allows)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by name)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -656,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in sections or "batch" in sections:
         setup = train_setup(args, device)
     if "train" in sections:
-        reserve = (60.0 if "batch" in sections else 0.0) + (150.0 if "sweep" in sections else 0.0)
+        reserve = (60.0 if "batch" in sections else 0.0) + (110.0 if "sweep" in sections else 0.0)
         report.add("train", train_section(args, device, peak, end - (0 if args.cpu_smoke else reserve), setup))
         print(f"train done at {time.monotonic() - t0:.0f}s", flush=True)
     if "batch" in sections:
