@@ -435,6 +435,14 @@ TEST_SHAPE_OVERRIDES = [
 REAL_SHAPES = ("tiny_cpu", "test")
 
 
+def _bench_trial(trial: dict[str, Any] | None) -> dict[str, Any]:
+    """The space's ``trial:`` block with an hour of heartbeat grace. The benchmark evaluates its
+    pending trials one after another in one process and sends no heartbeats, so with 2 pending a
+    trial waits one evaluation plus one BoTorch decision before its own (tens of seconds under load);
+    tiny_cpu.yaml's 10 + 30 s would requeue it and the trial would be evaluated twice."""
+    return {**(trial or {}), "heartbeat_s": 60, "grace_s": 3600}
+
+
 def _real_space(steps: int | None, shape: str = "tiny_cpu") -> dict[str, Any]:
     """search_spaces/tiny_cpu.yaml without its budget; ``steps`` per stage and ``shape`` change only
     base overrides (the parameters, their bounds and the objective stay tiny_cpu.yaml's)."""
@@ -448,6 +456,7 @@ def _real_space(steps: int | None, shape: str = "tiny_cpu") -> dict[str, Any]:
         ]
     elif shape != "tiny_cpu":
         raise ValueError(f"--real-shape: one of {', '.join(REAL_SHAPES)}, got {shape!r}")
+    raw["trial"] = _bench_trial(raw.get("trial"))
     if steps is not None:
         swap = {"stage1_9.max_steps": steps, "stage2.max_steps": steps}
         base = []
@@ -568,6 +577,10 @@ def _run_sweep(job: Job, problem: Problem, rng: np.random.Generator) -> tuple[li
             if got.claim is None:
                 finished = got.finished
                 break
+            if got.claim.is_requeue:
+                # The benchmark sends no heartbeats; the space's long grace (_bench_trial) keeps a
+                # pending trial from being presumed dead. A requeue would evaluate a trial twice.
+                raise RuntimeError(f"trial {got.claim.trial_index} was requeued: the benchmark's trial grace is too short")
             pending.append(got.claim)
         if not pending:
             if finished:

@@ -127,6 +127,9 @@ def test_real_scoreboard_methods_par2_cache_and_report(bench, tmp_path):
     assert "stage1_9.max_steps=10" in problem.space["base_overrides"]
     assert "model.tiny.hidden_size=64" in problem.space["base_overrides"]
     assert bench.reference_overrides(problem) == problem.space["base_overrides"]
+    # No heartbeats in the benchmark: a trial pending behind another's evaluation and a BoTorch fit
+    # (tens of seconds on a loaded machine) must not be presumed dead, requeued and run twice.
+    assert bench.load_space(problem.space_yaml(16, None, 0)).trial.stale_after_s >= 3600
 
     records = []
     for method in bench.METHODS:
