@@ -53,10 +53,12 @@ def run_sweep(space_path: Path, store: Path, name: str, workers: int, workdir: P
     return wall
 
 
-def run_baseline(space: Any, out: Path) -> dict[str, Any]:
-    """One real trial without Stage 1.9 (the notebook's baseline), the config's default LRs."""
+def run_baseline(space: Any, out: Path, extra: list[str]) -> dict[str, Any]:
+    """One real trial without Stage 1.9 (the notebook's baseline): the config's default LRs unless
+    ``extra`` overrides them (e.g. the front's Stage 2 LR, for a baseline that differs only in Stage 1.9)."""
     if not out.exists():
-        overrides = [*space.base_overrides, "stage1_9.enabled=false", f"run.out_dir={out.parent / 'baseline-run'}"]
+        overrides = [*space.base_overrides, "stage1_9.enabled=false", *extra,
+                     f"run.out_dir={out.with_suffix('')}-run"]
         subprocess.run([sys.executable, "-m", "training.run_trial", "--out", str(out), "--", *overrides],
                        check=True)
     result = json.loads(out.read_text())
@@ -139,7 +141,8 @@ def print_tables(summary: dict[str, Any]) -> None:
               f"{t['trial_seconds']:.0f} | {'★' if t['pareto'] else ''} |")
     base = summary["baseline"]
     if base is not None:
-        print(f"\nbaseline without Stage 1.9 (default LRs): {metric} {base[metric]:.4f}, {compute} {base[compute]:.3g}")
+        extra = " ".join(summary.get("baseline_overrides") or []) or "default LRs"
+        print(f"\nbaseline without Stage 1.9 ({extra}): {metric} {base[metric]:.4f}, {compute} {base[compute]:.3g}")
     print(f"\nPareto front (cheapest first); knee by efficiency = {summary['efficiency']}: trial {summary['knee']}\n")
     print(f"| trial | S1.9 steps | {metric} | {compute} | gain vs previous per cheapest-trial compute "
           "| efficiency |")
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--baseline", action="store_true",
                         help="also run (once) the space's base overrides without Stage 1.9, the notebook's baseline")
+    parser.add_argument("--baseline-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for the baseline run (repeatable), e.g. stage2.optimizer.lr=0.008")
     args = parser.parse_args(argv)
     space = load_space(args.space)
     if space.compute_objective is None:
@@ -168,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.store / space.name / "experiment.json").exists():
         wall = run_sweep(args.space, args.store, space.name, args.workers, args.store / "work")
     exp = Experiment.open(open_store(str(args.store)), space.name)
-    baseline = run_baseline(space, args.store / f"{space.name}-baseline.json") if args.baseline else None
+    baseline = None
+    if args.baseline:
+        tag = "".join(f"-{o}" for o in args.baseline_override).replace("/", "_")
+        baseline = run_baseline(space, args.store / f"{space.name}-baseline{tag}.json", args.baseline_override)
     summary = summarise(exp, baseline)
-    summary.update(space=str(args.space), workers=args.workers, run_wall_s=wall)
+    summary.update(space=str(args.space), workers=args.workers, run_wall_s=wall,
+                   baseline_overrides=args.baseline_override if args.baseline else None)
     print_tables(summary)
     if wall is not None:
         print(f"\nsweep run wall time: {wall / 60:.1f} min with {args.workers} workers")
