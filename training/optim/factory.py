@@ -33,6 +33,7 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
         nesterov=spec.nesterov,
         betas=spec.betas,
         eps=spec.eps,
+        ns_dtype=spec.ns_dtype,
     )
     if spec.name == "muon":
         muon_params, adamw_params = split_muon_params(model)

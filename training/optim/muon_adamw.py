@@ -21,7 +21,8 @@ class MuonAdamW(torch.optim.Optimizer):
     all act on both parts without knowing there are two; group key ``"part"`` says which is which.
 
     Muon runs with ``adjust_lr_fn="match_rms_adamw"`` (see ``spec.MUON_ADJUST_LR_FN``): update RMS
-    0.2 * lr, the scale at which Muon and AdamW lrs are comparable.
+    0.2 * lr, the scale at which Muon and AdamW lrs are comparable. ``ns_dtype="float32"`` runs the
+    Newton-Schulz iteration in float32 (``GatheredMuon``) instead of torch.optim.Muon's bfloat16.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class MuonAdamW(torch.optim.Optimizer):
         nesterov: bool = True,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        ns_dtype: str = "bfloat16",
     ) -> None:
         muon_params, adamw_params = list(muon_params), list(adamw_params)
         if not muon_params:
@@ -43,9 +45,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 "muon: the model has no 2-D weights inside repeated blocks to give Muon; use 'adamw'"
             )
         # Under FSDP2 the matrices are DTensor shards; GatheredMuon runs Newton-Schulz on the full matrix.
-        muon_cls = GatheredMuon if any(is_dtensor(p) for p in muon_params) else torch.optim.Muon
+        # GatheredMuon also runs the float32 iteration (torch.optim.Muon's is bfloat16, hard-coded).
+        sharded = any(is_dtensor(p) for p in muon_params)
+        muon_cls = GatheredMuon if sharded or ns_dtype != "bfloat16" else torch.optim.Muon
         self._muon = muon_cls(
-            [{"params": muon_params, "part": "muon"}],
+            [{"params": muon_params, "part": "muon", **({"ns_dtype": ns_dtype} if ns_dtype != "bfloat16" else {})}],
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,

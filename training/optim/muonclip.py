@@ -49,6 +49,7 @@ class MuonClip(MuonAdamW):
         nesterov: bool = True,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        ns_dtype: str = "bfloat16",
     ) -> None:
         if not tau > 0:
             raise ValueError(f"qk_clip_tau={tau!r} must be > 0")
@@ -63,6 +64,7 @@ class MuonClip(MuonAdamW):
             nesterov=nesterov,
             betas=betas,
             eps=eps,
+            ns_dtype=ns_dtype,
         )
         self.tau = float(tau)
         self._recorder = QKLogitRecorder()

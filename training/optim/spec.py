@@ -16,6 +16,11 @@ SCHEDULE_NAMES: tuple[str, ...] = ("cosine", "linear", "constant")
 # update of ~8e-4, i.e. lr ~= 4e-3 here, while under "original" 3e-3 would be ~7x below that default.
 MUON_ADJUST_LR_FN = "match_rms_adamw"
 
+# Dtype of Muon's Newton-Schulz iteration. torch.optim.Muon casts to bfloat16 (cheap on GPUs); on a CPU
+# bfloat16 matmuls are ~14x slower than float32 (docs/benchmarks.md, "LR scan"), and the iteration is
+# then most of a tiny CPU trial's time, so CPU spaces may ask for float32.
+NS_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
+
 # Default AdamW lr (embeddings, lm_head, norms, biases) of the Muon optimizers, as a ratio of the Muon lr.
 # These parameters stay full precision in BitNet and come pretrained (the tied SmolLM2 embedding is both
 # input table and output head), so they move 10x slower than the matrices being converted to ternary.
@@ -33,6 +38,7 @@ class OptimizerSpec:
     - ``weight_decay``: decoupled, applied to >= 2-D parameters only (matrices, embeddings); norm gains
       and biases never decay.
     - ``betas``/``eps``: AdamW (and APOLLO) moments; ``momentum``/``nesterov``: Muon.
+    - ``ns_dtype``: Muon's Newton-Schulz dtype, "bfloat16" (torch.optim.Muon's) or "float32".
     - ``qk_clip_tau``: MuonClip's max attention logit (Kimi K2 uses 100).
     - ``apollo_rank``: APOLLO projection rank (clamped to each matrix's smaller side); 1 = APOLLO-Mini.
     - ``warmup_steps``, ``schedule``, ``min_lr_ratio``: linear warmup, then cosine/linear decay to
@@ -52,8 +58,11 @@ class OptimizerSpec:
     warmup_steps: int = 0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    ns_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype={self.ns_dtype!r} is not allowed; use one of {NS_DTYPES}")
         if self.name not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer name={self.name!r} is not allowed; use one of {OPTIMIZER_NAMES}")
         if self.schedule not in SCHEDULE_NAMES:

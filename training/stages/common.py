@@ -158,6 +158,7 @@ def optimizer_for(stage_cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.
         warmup_steps=o.warmup_steps,
         schedule=o.schedule,
         min_lr_ratio=o.min_lr_ratio,
+        ns_dtype=o.ns_dtype,
     )
     optimizer = build_optimizer(model, spec)
     return optimizer, build_scheduler(optimizer, spec, max(stage_cfg.max_steps, 1))
