@@ -913,13 +913,30 @@ COLORS = {"sweep": "C3", "sweep_eval_sem": "C1", "random": "C7", "tpe": "C0", "g
 def real_table(rows: list[dict[str, Any]], reference: float | None) -> str:
     """The real-pipeline scoreboard: one line per (mode, trials), one column per method, and the
     reference recipe's loss; median (IQR) of the best final_eval_loss over seeds, bold: lowest."""
-    text = wide_table(rows)
-    lines = text.splitlines()
-    lines = [line for line in lines if not line.startswith("| deciding")]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    seeds = sorted({r["seeds"] for r in rows})
+    lines = [
+        f"Best final_eval_loss found so far: median (interquartile range) over {'/'.join(map(str, seeds))} "
+        "seeds; bold: lowest median in the row.",
+        "",
+        "| mode | trials | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for mode, budget in dict.fromkeys((r["mode"], r["budget"]) for r in rows):
+        cells = {r["method"]: r for r in rows if (r["mode"], r["budget"]) == (mode, budget)}
+        best = min(round(c["median"], 4) for c in cells.values())
+        out = []
+        for m in methods:
+            c = cells.get(m)
+            if c is None:
+                out.append("")
+                continue
+            med = f"{c['median']:.4f}"
+            out.append(f"{'**' + med + '**' if round(c['median'], 4) <= best else med} ({c['q25']:.4f}-{c['q75']:.4f})")
+        lines.append(f"| {mode} | {budget} | " + " | ".join(out) + " |")
     if reference is not None:
-        lines.append("")
-        lines.append(f"Reference (the notebook's default recipe under the same base overrides): {reference:.4f}")
-    decide = {m: [r["decide_ms"] for r in rows if r["method"] == m] for m in METHODS}
+        lines += ["", f"Reference (the notebook's default recipe under the same base overrides): {reference:.4f}"]
+    decide = {m: [r["decide_ms"] for r in rows if r["method"] == m] for m in methods}
     lines.append(
         "Deciding, ms/trial (median per setting): "
         + ", ".join(f"{LABELS[m]} {min(v):.0f}-{max(v):.0f}" for m, v in decide.items() if v)

@@ -155,7 +155,7 @@ def test_real_scoreboard_methods_par2_cache_and_report(bench, tmp_path):
     rows = bench.summarize(records, [4, 5])
     assert {r["method"] for r in rows} == set(bench.METHODS) and {r["budget"] for r in rows} == {4, 5}
     table = bench.real_table(rows, 5.25)
-    assert "| real | par2 | 5 |" in table and "noise: eval_sem" in table and "5.2500" in table
+    assert "| par2 | 5 |" in table and "noise: eval_sem" in table and "5.2500" in table
     stats = bench.eval_stats(records, cache)
     assert stats["trials_asked"] == 25 and stats["answered_from_cache"] == 25 - len(calls)
     bench.plot_real(records, tmp_path / "real.png", [4, 5], 5.25)
